@@ -1,6 +1,8 @@
 """freeze-agent: decide, layer by layer and while training runs, which layers of a network keep
 training, which learn by a cheap local rule and which freeze."""
 
+import gymnasium
+
 from freeze_agent.baselines import LinearPrefix, NoFreeze, make_policy
 from freeze_agent.controller import FreezeController
 from freeze_agent.modes import Mode, effective_modes
@@ -11,6 +13,11 @@ from freeze_agent.trainer import RunResult, Trainer
 from freeze_agent.units import Unit, UnitKind, partition
 
 __version__ = "0.1.0"
+
+if "freeze_agent/FreezeTraining-v0" not in gymnasium.registry:
+    gymnasium.register(
+        id="freeze_agent/FreezeTraining-v0", entry_point="freeze_agent.env:FreezeTrainingEnv"
+    )
 
 __all__ = [
     "OBSERVATION_VERSION",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from freeze_agent.modes import Mode
 from freeze_agent.observation import GLOBAL_FEATURES
@@ -49,11 +50,26 @@ class LinearPrefix(Policy):
 BASELINES: dict[str, type[Policy]] = {"none": NoFreeze, "linear-prefix": LinearPrefix}
 
 
+POLICIES_DIR = Path(__file__).resolve().parent.parent / "policies"
+
+
 def make_policy(spec: str) -> Policy:
-    """A policy from its command-line name: ``none``, ``linear-prefix`` or ``linear-prefix:0.1``."""
+    """A policy from its command-line name: a trained policy's folder (``policies/default``, or
+    just ``default`` for one shipped in ``policies/``), ``none``, ``linear-prefix`` or
+    ``linear-prefix:0.1``."""
+    for folder in (Path(spec), POLICIES_DIR / spec):
+        if (folder / "policy.json").is_file():
+            from freeze_agent.artifact import LearnedPolicy
+
+            return LearnedPolicy.load(folder)
     name, _, argument = spec.partition(":")
     if name not in BASELINES:
-        raise ValueError(f"unknown policy {spec!r}; choose one of {', '.join(BASELINES)}")
+        shipped = sorted(p.parent.name for p in POLICIES_DIR.glob("*/policy.json"))
+        raise ValueError(
+            f"unknown policy {spec!r}: not a policy folder (no policy.json there) nor a baseline; "
+            f"choose a folder, one of the shipped policies ({', '.join(shipped) or 'none yet'}) "
+            f"or a baseline ({', '.join(BASELINES)})"
+        )
     if not argument:
         return BASELINES[name]()
     try:

@@ -49,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("task", nargs="?", default=DEFAULT_TASK, help="task name or YAML path")
     run.add_argument(
         "--policy",
-        default="linear-prefix:0.3",
-        help="none | linear-prefix[:START] (default: %(default)s)",
+        default="default",
+        help="a trained policy's folder or the name of one in policies/, or a baseline: "
+        "none | linear-prefix[:START] (default: %(default)s, the shipped policy)",
     )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--epochs", type=int, default=None, help="override the task's epoch budget")
@@ -77,6 +78,54 @@ def _parser() -> argparse.ArgumentParser:
     overhead.add_argument("--device", default=None)
     overhead.add_argument("--json", type=Path, default=None)
     overhead.set_defaults(handler=_overhead)
+
+    train = commands.add_parser(
+        "train", help="learn a freeze policy with MaskablePPO on training tasks"
+    )
+    train.add_argument(
+        "--tasks", nargs="+", default=["envs/train"], help="task names, YAML files or folders"
+    )
+    train.add_argument("--val-tasks", nargs="+", default=["envs/val"])
+    train.add_argument("--timesteps", type=int, default=3000, help="decisions to train on")
+    train.add_argument("--n-envs", type=int, default=2, help="environment processes")
+    train.add_argument("--out", type=Path, required=True, help="policy folder to write")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--n-steps", type=int, default=64, help="rollout length per env")
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--eval-every", type=int, default=1024, help="timesteps; 0: only at end")
+    train.add_argument("--checkpoint-every", type=int, default=256, help="timesteps")
+    train.add_argument(
+        "--no-reference-model",
+        action="store_true",
+        help="no int8 reference worker: plasticity features stay missing (faster)",
+    )
+    train.add_argument("--wandb-project", default="freeze-agent")
+    train.add_argument("--no-wandb", action="store_true", help="no Weights & Biases logging")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint, with its saved settings",
+    )
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="play a policy on tasks and compare it with training without freezing",
+    )
+    evaluate.add_argument("policy", help="a policy folder, a shipped policy's name or a baseline")
+    evaluate.add_argument("--tasks", nargs="+", default=["envs/val", "envs/heldout"])
+    evaluate.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    evaluate.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="train the no-freezing reference again right before each episode, so that the "
+        "measured speedup compares runs made under the same machine load",
+    )
+    evaluate.add_argument("--json", type=Path, default=None)
+    evaluate.add_argument(
+        "--update-card", action="store_true", help="record the results in the policy's card"
+    )
+    evaluate.set_defaults(handler=_evaluate)
 
     commands.add_parser(
         "train-predictor",
@@ -184,6 +233,7 @@ def _print_run(result) -> None:
 
 
 def _profile(args: argparse.Namespace) -> int:
+    from freeze_agent.cost_model import TERMS
     from freeze_agent.profiling import profile_task
 
     task = load_task(args.task)
@@ -206,33 +256,47 @@ def _profile(args: argparse.Namespace) -> int:
             "yes" if u["cut_point"] else "no",
         )
     console.print(units)
-    depths = Table(
-        title=f"time per iteration by frozen prefix (batch {profile.batch_size}, median of "
-        f"{profile.repetitions} interleaved repetitions, {profile.device}); modeled = FLOP model "
-        f"+ fitted fixed fraction {profile.fixed_fraction:.3f}"
+    constants = Table(
+        title=f"cost model constants fitted to every variant below "
+        f"(1 FLOP-equivalent = {1e12 * profile.seconds_per_flop:.2f} ps)"
     )
-    for column in ("frozen", "ms/iter", "measured", "modeled", "meas/mod"):
+    for column in ("term", "FLOP-equivalents per unit", "share of all-TRAIN"):
+        constants.add_column(column, justify="right")
+    for term in TERMS:
+        constants.add_row(
+            term,
+            f"{getattr(profile.constants, term):.4g}",
+            f"{100 * profile.term_shares[term]:.1f}%",
+        )
+    console.print(constants)
+    depths = Table(
+        title=f"time per iteration ({profile.clock}, fastest of {profile.repetitions} interleaved "
+        f"repetitions, batch {profile.batch_size}, {profile.device}); ratios to all-TRAIN; "
+        "LOO: meas/mod with the constants fitted to the other variants"
+    )
+    for column in ("units", "ms/iter", "speedup", "measured", "modeled", "meas/mod", "LOO"):
         depths.add_column(column, justify="right")
-    for column in ("cached ms", "measured", "modeled", "meas/mod"):
-        depths.add_column(column, justify="right", style="cyan")
-    for d in profile.depths:
-        cached = ["-"] * 4
-        if d.cached_seconds_per_iteration is not None:
-            cached = [
-                f"{1000 * d.cached_seconds_per_iteration:.2f}",
-                f"{d.cached_measured_ratio:.3f}",
-                f"{d.cached_modeled_ratio:.3f}",
-                f"{d.cached_measured_over_modeled:.2f}",
-            ]
+    for row in profile.rows():
+        loo = row["loo_measured_over_modeled"]
         depths.add_row(
-            str(d.frozen_units),
-            f"{1000 * d.seconds_per_iteration:.2f}",
-            f"{d.measured_ratio:.3f}",
-            f"{d.modeled_ratio:.3f}",
-            f"{d.measured_over_modeled:.2f}",
-            *cached,
+            f"[cyan]{row['variant']}[/]" if row["cached"] else row["variant"],
+            f"{1000 * row['seconds']:.2f}",
+            f"{row['measured_speedup']:.2f}x",
+            f"{row['measured_ratio']:.3f}",
+            f"{row['modeled_ratio']:.3f}",
+            f"{row['measured_over_modeled']:.2f}",
+            "-" if loo is None else f"{loo:.2f}",
         )
     console.print(depths)
+    spread, loo_spread = (
+        profile.measured_over_modeled_range,
+        profile.loo_measured_over_modeled_range,
+    )
+    if spread and loo_spread:
+        console.print(
+            f"measured/modeled {spread[0]:.2f}-{spread[1]:.2f} in sample, "
+            f"{loo_spread[0]:.2f}-{loo_spread[1]:.2f} leave-one-out"
+        )
     if args.json:
         _write_json(args.json, profile.to_dict())
     return 0
@@ -255,6 +319,68 @@ def _overhead(args: argparse.Namespace) -> int:
     console.print(table)
     if args.json:
         _write_json(args.json, result.to_dict())
+    return 0
+
+
+# ---------------------------------------------------------------------- train
+
+
+def _train(args: argparse.Namespace) -> int:
+    from freeze_agent.training import TrainConfig, train
+
+    if args.resume:
+        console.print(f"resuming the run in {args.out} with its saved settings")
+        config = TrainConfig()  # replaced by the saved one
+    else:
+        config = TrainConfig(
+            tasks=[str(t) for t in args.tasks],
+            val_tasks=[str(t) for t in args.val_tasks],
+            timesteps=args.timesteps,
+            n_envs=args.n_envs,
+            seed=args.seed,
+            n_steps=args.n_steps,
+            batch_size=args.batch_size,
+            eval_every=args.eval_every,
+            checkpoint_every=args.checkpoint_every,
+            reference_model=not args.no_reference_model,
+            wandb_project=args.wandb_project,
+        )
+    out = train(config, args.out, resume=args.resume, use_wandb=not args.no_wandb)
+    console.print(f"policy written to {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------- evaluate
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from freeze_agent.evaluation import evaluate_policy
+
+    report = evaluate_policy(
+        args.policy, args.tasks, args.seeds, remeasure=args.remeasure, console=console
+    )
+    table = Table(
+        title=f"{report.policy} against no freezing (mean over seeds {report.seeds}; "
+        "speedups of training time, accuracy change in percentage points)"
+    )
+    for column in ("task", "split", "modeled", "measured", "val Δpp", "test Δpp", "worst test Δ"):
+        table.add_column(column, justify="right")
+    for row in report.rows():
+        table.add_row(
+            row["task"],
+            row["split"],
+            f"{row['modeled_speedup']:.2f}x",
+            f"{row['measured_speedup']:.2f}x",
+            f"{row['val_delta_pp']:+.2f}",
+            f"{row['test_delta_pp']:+.2f}",
+            f"{row['worst_test_delta_pp']:+.2f}",
+        )
+    console.print(table)
+    if args.json:
+        _write_json(args.json, report.to_dict())
+    if args.update_card:
+        report.record_in_card()
+        console.print(f"recorded in {report.policy}/policy.json")
     return 0
 
 

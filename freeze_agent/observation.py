@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from gymnasium import spaces
 
 from freeze_agent.modes import Mode
 from freeze_agent.reference import slope
@@ -70,6 +71,8 @@ GLOBAL_FEATURES: tuple[str, ...] = (
     "predictor_available",  # SmartFRZ weights were found
 )
 
+_IS_HEAD = UNIT_FEATURES.index("is_head")
+_SUPPORTS_LOCAL = UNIT_FEATURES.index("supports_local")
 _LOG_DECADES = 6.0  # log scaling maps [1e-6, 1] of a ratio onto [0, 1]
 
 
@@ -78,6 +81,30 @@ def log_scaled(value: float, reference: float = 1.0) -> float:
     if not (math.isfinite(value) and value > 0 and reference > 0):
         return 0.0
     return min(max(1.0 + math.log10(value / reference) / _LOG_DECADES, 0.0), 1.0)
+
+
+def observation_space(max_units: int) -> spaces.Dict:
+    """The Gymnasium space of an observation for models of up to ``max_units`` units."""
+    return spaces.Dict(
+        {
+            "units": spaces.Box(-1.0, 1.0, (max_units, len(UNIT_FEATURES)), np.float32),
+            "mask": spaces.Box(0, 1, (max_units,), np.int8),
+            "global": spaces.Box(-1.0, 1.0, (len(GLOBAL_FEATURES),), np.float32),
+        }
+    )
+
+
+def action_mask(observation: dict[str, np.ndarray]) -> np.ndarray:
+    """Which modes each unit slot may take, from the observation alone: a boolean
+    (max_units, len(Mode)) array. Padded slots and the head may only TRAIN; LOCAL only where the
+    local rule applies. A policy deployed on a new model needs nothing else to stay legal."""
+    units, real = observation["units"], observation["mask"].astype(bool)
+    allowed = np.zeros((len(real), len(Mode)), dtype=bool)
+    allowed[:, Mode.TRAIN] = True
+    movable = real & (units[:, _IS_HEAD] < 0.5)
+    allowed[:, Mode.FROZEN] = movable
+    allowed[:, Mode.LOCAL] = movable & (units[:, _SUPPORTS_LOCAL] > 0.5)
+    return allowed
 
 
 def _finite(value: float | None) -> bool:

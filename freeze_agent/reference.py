@@ -7,14 +7,19 @@ quantized snapshot taken a little earlier; the similarity-preserving (SP) loss b
 last few values tells when it has flattened out. The snapshot is run off the training path so
 the accelerator never waits for it.
 
-:class:`ReferenceWorker` owns one spawned CPU process. ``submit()`` quantizes the model's weights
-(:func:`quantize_state_dict`) and hands them to a background sender thread; the child
-dequantizes them, loads them into its own copy of the architecture and returns every unit's
+:class:`ReferenceWorker` owns one spawned CPU process at a time. ``submit()`` quantizes the
+model's weights (:func:`quantize_state_dict`) and hands them to a background sender thread; the
+child dequantizes them, loads them into its own copy of the architecture and returns every unit's
 exit-module output (:func:`unit_outputs`, the same function the training side calls on its own
 model, so both sides compute identically). ``poll()`` picks a result up if one is there. Neither
 waits for the child. A child that dies, reports an error or keeps a job past ``timeout_s`` costs
 the training process one ``warnings.warn``: the worker is restarted up to ``max_restarts`` times,
 after which ``available`` is False and ``submit``/``poll`` return False/None.
+
+Child processes are pooled: a worker that closes while its child is healthy and idle hands the
+child to the next worker of the same process, which sends it a new model ("init") rather than
+spawning another interpreter. Start-up (importing torch, a few CPU-seconds) is paid once per
+process, not once per training run; on a 2-core machine it otherwise competes with training.
 
 int8 kernels: the snapshot is stored as per-output-channel symmetric int8 and *dequantized in the
 worker*, which then runs in float32. torchao 0.18 (the maintained int8 path; it imports against
@@ -34,10 +39,12 @@ from __future__ import annotations
 import atexit
 import contextlib
 import io
+import itertools
 import multiprocessing.connection
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -60,10 +67,13 @@ __all__ = [
     "ReferenceWorkerWarning",
     "dequantize_state_dict",
     "exit_module_paths",
+    "gram_distance",
+    "normalized_gram",
     "quantize_state_dict",
     "slope",
     "sp_loss",
     "unit_outputs",
+    "warm_pool",
 ]
 
 SCALE_SUFFIX = ".scale"
@@ -93,18 +103,26 @@ def sp_loss(a: torch.Tensor, b: torch.Tensor) -> float:
     """
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"batch sizes differ: {a.shape[0]} vs {b.shape[0]}")
-    n = a.shape[0]
-    if n == 0:
+    if a.shape[0] == 0:
         return 0.0
-    ga, gb = _normalized_gram(a), _normalized_gram(b)
-    return float(((ga - gb) ** 2).sum() / (n * n))
+    return gram_distance(normalized_gram(a), normalized_gram(b))
 
 
-def _normalized_gram(x: torch.Tensor) -> torch.Tensor:
+def normalized_gram(x: torch.Tensor) -> torch.Tensor:
+    """G(X) of :func:`sp_loss`, float64 on the CPU. For a side that is compared many times (the
+    reference outputs), compute it once and compare with :func:`gram_distance`."""
     # float64: the Gram matrix is small (batch²) and sums over many features
     flat = x.detach().reshape(x.shape[0], -1).to("cpu", torch.float64)
     gram = flat @ flat.T
     return gram / gram.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def gram_distance(ga: torch.Tensor, gb: torch.Tensor) -> float:
+    """:func:`sp_loss` from two :func:`normalized_gram` results: ‖G(A) − G(B)‖²_F / batch²."""
+    if ga.shape != gb.shape:
+        raise ValueError(f"batch sizes differ: {ga.shape[0]} vs {gb.shape[0]}")
+    n = ga.shape[0]
+    return float(((ga - gb) ** 2).sum() / (n * n)) if n else 0.0
 
 
 def slope(values: Sequence[float]) -> float:
@@ -379,40 +397,70 @@ def _architecture_bytes(model: nn.Module) -> bytes:
 # --------------------------------------------------------------------------- the child process
 
 
-def _worker_main(commands, results, threads: int) -> None:
-    """Entry point of the child: set up from the first message, then answer snapshots forever.
+def _worker_main(commands, results) -> None:
+    """Entry point of the child: answer snapshots for one owner after another, until the parent
+    closes its end of the pipe (it exited, or killed the child).
 
-    Messages in: ("init", model bytes, unit paths, probe inputs), ("job", step, snapshot).
-    Messages out: ("ready",), ("result", step, [arrays], seconds), ("error", text).
-    The loop ends when the parent closes its end of the pipe (it exited or called close()).
+    Messages in: ("init", token, model bytes, unit paths, probe inputs, threads, sys.path),
+    ("job", step, snapshot), ("release",).
+    Messages out: ("started",) once, when the interpreter is up (torch imported);
+    ("ready", token) after each init; ("result", token, step, [arrays], seconds);
+    ("error", text), after which the child exits.
+
+    A child is reused across runs (see :func:`_pool_put`): each "init" replaces the model, unit
+    paths and probe batch of the previous owner, and "release" drops them while the child waits
+    in the pool. The token tags every answer with the owner it was computed for.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     with contextlib.suppress(OSError):
         os.nice(10)  # the reference runs on spare cycles: training keeps priority for the cores
     try:
-        torch.set_num_threads(threads)
         with contextlib.suppress(RuntimeError):
             torch.set_num_interop_threads(1)
-        _, model_bytes, paths, probe = commands.recv()
-        model = torch.load(io.BytesIO(model_bytes), map_location="cpu", weights_only=False)
-        model.float().eval()
-        probe = _map_tensors(_from_wire(probe), lambda t: t.float() if t.is_floating_point() else t)
-        results.send(("ready",))
+        results.send(("started",))
+        model: nn.Module | None = None
+        paths: list[str] = []
+        probe: Any = None
+        token: int | None = None
         while True:
             try:
                 message = commands.recv()
             except EOFError:
                 return
-            _, step, snapshot = message
-            started = time.perf_counter()
-            model.load_state_dict(dequantize_state_dict(_from_wire(snapshot)))
-            outputs = unit_outputs(model, paths, probe)
-            seconds = time.perf_counter() - started
-            results.send(("result", step, [o.numpy() for o in outputs], seconds))
+            kind = message[0]
+            if kind == "init":
+                _, token, model_bytes, paths, wire_probe, threads, sys_path = message
+                model = probe = None  # free the previous owner's model before loading
+                _extend_sys_path(sys_path)
+                torch.set_num_threads(threads)
+                model = torch.load(io.BytesIO(model_bytes), map_location="cpu", weights_only=False)
+                model.float().eval()
+                probe = _map_tensors(
+                    _from_wire(wire_probe), lambda t: t.float() if t.is_floating_point() else t
+                )
+                results.send(("ready", token))
+            elif kind == "job":
+                if model is None:
+                    raise RuntimeError("a snapshot arrived before any model")
+                _, step, snapshot = message
+                started = time.perf_counter()
+                model.load_state_dict(dequantize_state_dict(_from_wire(snapshot)))
+                outputs = unit_outputs(model, paths, probe)
+                seconds = time.perf_counter() - started
+                results.send(("result", token, step, [o.numpy() for o in outputs], seconds))
+            elif kind == "release":
+                model, paths, probe, token = None, [], None, None
     except Exception as error:  # report why, then exit non-zero
         with contextlib.suppress(Exception):
             results.send(("error", f"{type(error).__name__}: {error}"))
         raise SystemExit(1) from error
+
+
+def _extend_sys_path(entries: Sequence[str]) -> None:
+    """Append the parent's import-path entries the child lacks: a pooled child was spawned
+    with the parent's ``sys.path`` of back then, and a later model's class may live elsewhere."""
+    known = set(sys.path)
+    sys.path.extend(e for e in entries if e not in known)
 
 
 # --------------------------------------------------------------------------- the worker
@@ -435,12 +483,18 @@ class ReferenceOutputs:
 
 
 _LIVE_WORKERS: weakref.WeakSet[ReferenceWorker] = weakref.WeakSet()
+_TOKENS = itertools.count(1)
 
 
 @atexit.register
 def _close_live_workers() -> None:
+    """At interpreter exit: kill every child, in use or pooled (from now on a closing worker
+    kills its child instead of pooling it)."""
+    global _shutting_down
+    _shutting_down = True
     for worker in list(_LIVE_WORKERS):
         worker.close()
+    _drain_pool()
 
 
 @contextlib.contextmanager
@@ -454,8 +508,6 @@ def _main_module_hidden() -> Iterator[None]:
     model class defined in ``__main__`` cannot be sent (the worker then reports itself
     unavailable with a warning), so define models in an importable module.
     """
-    import sys
-
     main = sys.modules.get("__main__")
     saved = {k: getattr(main, k) for k in ("__file__", "__spec__") if hasattr(main, k)}
     try:
@@ -468,15 +520,19 @@ def _main_module_hidden() -> Iterator[None]:
 
 
 class _Incarnation:
-    """One child process with its pipes and the sender thread that feeds it."""
+    """One child process with its pipes and the sender thread that feeds it.
 
-    def __init__(self, init_message: tuple[Any, ...], threads: int) -> None:
+    The child starts bare (interpreter and torch only); :meth:`init` gives it an owner's model.
+    Between owners it waits in the process-wide pool (:func:`_pool_put`, :func:`_pool_take`).
+    """
+
+    def __init__(self) -> None:
         ctx = torch_mp.get_context("spawn")
         child_commands, self.commands = ctx.Pipe(duplex=False)
         self.results, child_results = ctx.Pipe(duplex=False)
         self.process = ctx.Process(
             target=_worker_main,
-            args=(child_commands, child_results, threads),
+            args=(child_commands, child_results),
             name="freeze-agent-reference",
             daemon=True,
         )
@@ -485,12 +541,29 @@ class _Incarnation:
         # Only the child holds these ends now: its death reads as EOF / broken pipe here.
         child_commands.close()
         child_results.close()
-        self.started_at = time.monotonic()
-        self.ready_at: float | None = None
+        self.owner_pid = os.getpid()
+        self.spawned_at = time.monotonic()
+        self.started = False  # the child said "started": its interpreter and torch are up
+        self.token: int | None = None  # the owner the child is set up for
+        self.started_at = self.spawned_at  # when the current owner's init was sent
+        self.ready_at: float | None = None  # when the child answered that init
         self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, daemon=True)
         self._sender.start()
-        self.send(init_message)
+
+    def init(self, token: int, init_message: tuple[Any, ...]) -> None:
+        """Set the child up for a new owner: ``init_message`` is ("init", model bytes, unit
+        paths, probe, threads); answers to earlier owners are told apart by ``token``."""
+        self.token, self.ready_at = token, None
+        # a child still importing torch counts its start-up from the spawn
+        self.started_at = time.monotonic() if self.started else self.spawned_at
+        kind, *rest = init_message
+        self.send((kind, token, *rest, list(sys.path)))
+
+    def release(self) -> None:
+        """Drop the owner's model in the child (it goes back to the pool)."""
+        self.token, self.ready_at = None, None
+        self.send(("release",))
 
     def send(self, message: Any) -> None:
         """Queue ``message`` for the child; the sender thread writes it, so this never blocks."""
@@ -507,11 +580,29 @@ class _Incarnation:
                 return  # the child is gone; the owner notices through the results pipe
 
     def receive(self) -> list[Any]:
-        """Every message the child has finished writing; raises EOFError once it is gone."""
+        """Every message the child has finished writing; raises EOFError once it is gone.
+        Notes "started" (and drops it)."""
         messages = []
         while self.results.poll(0):
-            messages.append(self.results.recv())
+            message = self.results.recv()
+            if message[0] == "started":
+                self.started = True
+            else:
+                messages.append(message)
         return messages
+
+    def healthy(self) -> bool:
+        """Alive, owned by this process and with nothing unexpected to say: only stale answers
+        to an earlier owner (dropped here) may be waiting in the pipe."""
+        if os.getpid() != self.owner_pid:
+            return False
+        try:
+            messages = self.receive()
+        except (EOFError, OSError):
+            return False
+        if any(message[0] == "error" for message in messages):
+            return False
+        return self.process.exitcode is None and self.process.is_alive()
 
     def stop(self) -> None:
         """Kill the child (it has nothing to save) and release the pipes; bounded in time."""
@@ -525,12 +616,131 @@ class _Incarnation:
                 connection.close()
 
 
+# --------------------------------------------------------------------------- the pool
+
+POOL_MAX_IDLE = 2
+"""At most this many idle children are kept per process (each holds an interpreter with torch
+imported, a few hundred MB); a run hands its child back when it ends and the next run takes it,
+so a process that trains run after run (the Gymnasium environment) spawns one child, not one per
+run."""
+
+CLOSE_GRACE_S = 2.0
+"""How long :meth:`ReferenceWorker.close` waits for a job in flight before it kills the child
+rather than pooling it (a job takes milliseconds to a fraction of a second)."""
+
+_pool: list[_Incarnation] = []
+_pool_lock = threading.Lock()
+_shutting_down = False
+
+
+def _pool_take() -> _Incarnation | None:
+    """An idle, healthy child of this process from the pool (dead ones are discarded)."""
+    while True:
+        with _pool_lock:
+            if not _pool:
+                return None
+            child = _pool.pop()
+        if child.healthy():
+            return child
+        child.stop()
+
+
+def _pool_put(child: _Incarnation) -> None:
+    """Keep ``child`` (idle and healthy, checked by the caller) for the next run, or kill it when
+    the pool is full or the interpreter is exiting."""
+    child.release()
+    with _pool_lock:
+        if not _shutting_down and len(_pool) < POOL_MAX_IDLE:
+            _pool.append(child)
+            return
+    child.stop()
+
+
+def _drain_pool() -> None:
+    """Kill every pooled child (kill them all first, then reap: bounded in time)."""
+    with _pool_lock:
+        children = list(_pool)
+        _pool.clear()
+    for child in children:
+        with contextlib.suppress(Exception):
+            child.process.kill()
+    for child in children:
+        child.stop()
+
+
+def _forget_pool_after_fork() -> None:
+    """In a forked child: the pooled processes belong to the parent. Drop them without killing
+    them, and close this copy of their pipes so that they still see EOF when the parent exits."""
+    global _pool_lock
+    _pool_lock = threading.Lock()  # another thread may have held it at the fork
+    children = list(_pool)
+    _pool.clear()
+    for child in children:
+        for connection in (child.commands, child.results):
+            with contextlib.suppress(Exception):
+                connection.close()
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
+def warm_pool(count: int = 1, wait_s: float = 0.0) -> int:
+    """Spawn children into the pool until it holds ``count`` (at most :data:`POOL_MAX_IDLE`),
+    so that the next :class:`ReferenceWorker` skips the child's start-up (a fresh interpreter
+    importing torch: seconds of CPU, which on a small machine compete with training). Waits up
+    to ``wait_s`` for them to be up. Returns how many pooled children are up.
+
+    Call it before a run's timed part, or at the start of a process that will train run after
+    run; a run that starts while its child is still importing torch just waits a little longer
+    for its first reference result.
+    """
+    count = min(count, POOL_MAX_IDLE)
+    with _pool_lock:
+        missing = count - len(_pool) if not _shutting_down else 0
+    spawned = []
+    for _ in range(max(missing, 0)):
+        try:
+            spawned.append(_Incarnation())
+        except Exception as error:
+            warnings.warn(
+                f"reference worker: could not start a pooled child ({error})",
+                ReferenceWorkerWarning,
+                stacklevel=2,
+            )
+            break
+    with _pool_lock:
+        _pool.extend(spawned)
+    deadline = time.monotonic() + wait_s
+    while True:
+        with _pool_lock:
+            children = list(_pool)
+        waiting = []
+        for child in children:
+            if not child.started:
+                with contextlib.suppress(EOFError, OSError):
+                    child.receive()
+                    if not child.started:
+                        waiting.append(child.results)
+        remaining = deadline - time.monotonic()
+        if not waiting or remaining <= 0:
+            return sum(child.started for child in children)
+        with contextlib.suppress(OSError, ValueError):
+            multiprocessing.connection.wait(waiting, timeout=min(remaining, 0.1))
+
+
 class ReferenceWorker:
     """Owns a spawned CPU process (torch.multiprocessing, 'spawn' context) holding a copy of the
     model architecture; each :meth:`submit` sends an int8 snapshot; the process loads it
     (dequantized), runs the probe batch in eval mode under ``no_grad`` with
     ``torch.set_num_threads(threads)``, and sends back every unit's exit-module output (hooks
     registered by module path in the child).
+
+    Children outlive their worker: :meth:`close` hands a healthy, idle child to a process-wide
+    pool (at most :data:`POOL_MAX_IDLE`), and a new worker takes one from there and sends it its
+    own model, instead of paying for a fresh interpreter and torch import on every run.
+    :func:`warm_pool` starts one ahead of time. A child still busy after a short grace
+    (:data:`CLOSE_GRACE_S`), hung or failed is killed instead; pooled children die at
+    interpreter exit, and a forked process never touches its parent's.
 
     Args:
         model: the model being trained. It is sent to the child once, pickled with
@@ -547,7 +757,8 @@ class ReferenceWorker:
             ready counts as a hang.
         max_restarts: restarts after a failure before the worker gives up.
         startup_timeout_s: a child not ready (torch imported, model loaded) within this many
-            seconds counts as a failure.
+            seconds of being spawned (or, for a pooled child, of being handed the model) counts
+            as a failure.
 
     Failures (death, hang, an error in the child, an unpicklable model) never raise in the
     training process: each gives one :class:`ReferenceWorkerWarning` saying why.
@@ -576,6 +787,7 @@ class ReferenceWorker:
         self._worker: _Incarnation | None = None
         self._job: tuple[int, float] | None = None  # (step, submitted at)
         self._latest: ReferenceOutputs | None = None
+        self._token: int | None = None  # tags the child's answers meant for this worker
         _LIVE_WORKERS.add(self)
         modules = dict(model.named_modules())
         unknown = [p for p in self.unit_module_paths if p not in modules]
@@ -586,7 +798,13 @@ class ReferenceWorker:
         except Exception as error:
             self._give_up(f"the model cannot be pickled for the worker ({error})")
             return
-        self._init_message = ("init", model_bytes, self.unit_module_paths, _to_wire(probe_inputs))
+        self._init_message = (
+            "init",
+            model_bytes,
+            self.unit_module_paths,
+            _to_wire(probe_inputs),
+            self.threads,
+        )
         self._launch()
 
     # ------------------------------------------------------------------ public
@@ -649,15 +867,21 @@ class ReferenceWorker:
         return self._worker.process.pid if self._worker is not None else None
 
     def close(self) -> None:
-        """Stop the child (killing it if it hangs); bounded in time, safe to call twice."""
+        """Hand the child back to the process-wide pool when it is healthy and idle, else kill
+        it (still busy after a grace of at most :data:`CLOSE_GRACE_S`, hung, failed, or the
+        interpreter is exiting); bounded in time, safe to call twice, never warns."""
         if self._closed:
             return
         self._closed = True
-        worker, self._worker = self._worker, None
+        worker = self._worker
+        if worker is not None and os.getpid() == self._owner_pid:
+            if self._settle(worker) and worker.healthy():
+                _pool_put(worker)
+            else:
+                worker.stop()
+        self._worker, self._job = None, None
         if self._failure is None:
             self._failure = "closed"
-        if worker is not None and os.getpid() == self._owner_pid:
-            worker.stop()
         _LIVE_WORKERS.discard(self)
 
     def __del__(self) -> None:
@@ -672,13 +896,43 @@ class ReferenceWorker:
 
     # ------------------------------------------------------------------ internals
 
+    def _settle(self, worker: _Incarnation) -> bool:
+        """Whether ``worker``'s child can be reused: it has reported no error, and a job still in
+        flight finishes within the grace. (A run that ends right after a snapshot, as a
+        Gymnasium episode does, would otherwise never hand its child on.) A child still loading
+        this worker's model counts as reusable: its late "ready" is told apart by the token."""
+        grace = 0.0 if _shutting_down else min(CLOSE_GRACE_S, self.timeout_s)
+        deadline = time.monotonic() + grace
+        while True:
+            try:
+                if self._handle(worker.receive()) is not None:
+                    return False
+            except (EOFError, OSError):
+                return False
+            if self._job is None:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False  # busy: possibly hung, so not reused
+            with contextlib.suppress(OSError, ValueError):
+                multiprocessing.connection.wait(
+                    [worker.results, worker.process.sentinel], timeout=min(remaining, 0.1)
+                )
+
     def _launch(self) -> None:
-        try:
-            self._worker = _Incarnation(self._init_message, self.threads)
-        except Exception as error:
-            self._worker = None
-            self._failure = f"could not start ({type(error).__name__}: {error})"
-            self._warn(self._failure, gave_up=True)
+        """Take an idle child from the pool, or spawn one, and send it this worker's model."""
+        worker = _pool_take()
+        if worker is None:
+            try:
+                worker = _Incarnation()
+            except Exception as error:
+                self._worker = None
+                self._failure = f"could not start ({type(error).__name__}: {error})"
+                self._warn(self._failure, gave_up=True)
+                return
+        self._token = next(_TOKENS)
+        worker.init(self._token, self._init_message)
+        self._worker = worker
 
     def _check(self) -> None:
         """Collect what the child sent; detect death, errors and timeouts (never blocks)."""
@@ -707,10 +961,12 @@ class ReferenceWorker:
         assert worker is not None
         for message in messages:
             kind = message[0]
+            if kind in ("ready", "result") and message[1] != self._token:
+                continue  # an answer to the child's previous owner
             if kind == "ready":
                 worker.ready_at = time.monotonic()
             elif kind == "result":
-                _, step, arrays, seconds = message
+                _, _token, step, arrays, seconds = message
                 if self._job is not None and self._job[0] == step:
                     self._job = None
                 self._latest = ReferenceOutputs(

@@ -11,25 +11,53 @@ Per unit and per decision interval, with no extra forward or backward pass:
 
 A unit that received no gradient during the interval (FROZEN or LOCAL) keeps its last values;
 ``age`` counts the intervals since they were measured.
+
+Beside them, :class:`PlasticityMonitor` (Egeria's plasticity against the int8 reference model) and
+:class:`AttentionScore` (SmartFRZ's predictor) measure each unit once per decision.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from freeze_agent.predictor import WeightHistory, WeightSampler, load_predictor
 from freeze_agent.reference import (
+    ReferenceOutputs,
     ReferenceWorker,
     exit_module_paths,
+    gram_distance,
+    normalized_gram,
     slope,
-    sp_loss,
     unit_outputs,
 )
-from freeze_agent.units import Unit
+from freeze_agent.units import Unit, batch_size_of
+
+SMALL_WORK_FLOPS = 1e9
+"""A per-decision signal computation on the CPU below this many FLOPs runs on one torch thread
+(see :func:`one_thread_if`)."""
+
+
+@contextlib.contextmanager
+def one_thread_if(small: bool) -> Iterator[None]:
+    """Run the block's torch CPU ops on one intra-op thread when ``small``, then restore the
+    count. Why: on a busy machine (training's own threads, the reference worker, other jobs)
+    every multi-threaded op waits for its slowest thread. Measured on 2 shared cores, the
+    mnist1d-cnn probe forward took a median 97-550 ms with 2 threads and 30-34 ms with one;
+    work this small gains little from a second thread even on an idle machine."""
+    threads = torch.get_num_threads()
+    if not small or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -123,6 +151,11 @@ class PlasticityMonitor:
     batch) with the latest reference outputs. Values are reported as a rate per training step since
     the reference snapshot, so a refresh does not make the signal jump; ``age`` counts the checks
     since the reference result being used arrived.
+
+    The worker's child process is reused across runs of one process: :meth:`close` hands it
+    back to ``freeze_agent.reference``'s pool and the next monitor takes it, so only the first
+    run of a process pays for the child's start-up (``freeze_agent.reference.warm_pool`` can
+    pay it ahead of time).
     """
 
     def __init__(
@@ -139,7 +172,10 @@ class PlasticityMonitor:
         self.paths = exit_module_paths(model, self.units)
         self.refresh, self.window = refresh, window
         self.worker = ReferenceWorker(model, self.paths, probe_input, threads=threads)
+        probe_flops = sum(u.flops_forward for u in self.units) * batch_size_of(probe_input)
+        self._small = probe_flops < SMALL_WORK_FLOPS and _on_cpu(model)
         self.reference = None
+        self._reference_grams: list[torch.Tensor] = []  # G(reference output), once per result
         self.history: list[list[float]] = [[] for _ in self.units]
         self.checks = 0
         self.reference_age = 0  # checks since the reference in use arrived
@@ -153,8 +189,13 @@ class PlasticityMonitor:
         """Block until a reference result is in (for tests and the end of a run)."""
         result = self.worker.wait(timeout_s)
         if result is not None:
-            self.reference, self.reference_age = result, 0
+            self._use_reference(result)
         return self.reference is not None
+
+    def _use_reference(self, result: ReferenceOutputs) -> None:
+        self.reference, self.reference_age = result, 0
+        with one_thread_if(self._small):
+            self._reference_grams = [normalized_gram(o) for o in result.outputs]
 
     def check(self, step: int) -> tuple[list[float], list[float], int] | None:
         """Update plasticity; returns (values, trends, age) or None while no reference exists."""
@@ -162,24 +203,27 @@ class PlasticityMonitor:
         self.reference_age += 1
         result = self.worker.poll()
         if result is not None:
-            self.reference, self.reference_age = result, 0
+            self._use_reference(result)
         if self.checks - self._submitted_at_check >= self.refresh and self.worker.submit(
             self.model, step
         ):
             self._submitted_at_check = self.checks
         if self.reference is None:
             return None
-        current = unit_outputs(self.model, self.paths, self.probe)
+        with one_thread_if(self._small):
+            current = unit_outputs(self.model, self.paths, self.probe)
+            grams = [normalized_gram(a) for a in current]
         steps = max(step - self.reference.step, 1)
         values = []
-        for u, (a, b) in enumerate(zip(current, self.reference.outputs, strict=True)):
-            value = sp_loss(a.cpu(), b) / steps
+        for u, (ga, gb) in enumerate(zip(grams, self._reference_grams, strict=True)):
+            value = gram_distance(ga, gb) / steps
             values.append(value)
             self.history[u] = (self.history[u] + [value])[-self.window :]
         trends = [slope(h) for h in self.history]
         return values, trends, self.reference_age
 
     def close(self) -> None:
+        """Release the reference worker: its child goes back to the pool if idle, else dies."""
         self.worker.close()
 
 
@@ -203,4 +247,9 @@ class AttentionScore:
         if self.predictor is None:
             return None
         self.history.record()
-        return self.predictor.freeze_probability(self.history.tensor()).tolist()
+        with one_thread_if(True):  # a small network on a short history
+            return self.predictor.freeze_probability(self.history.tensor()).tolist()
+
+
+def _on_cpu(model: torch.nn.Module) -> bool:
+    return all(p.device.type == "cpu" for p in model.parameters())

@@ -68,7 +68,9 @@ class Unit:
     example input: ``flops_forward`` for the forward pass, ``flops_backward_input`` for passing the
     gradient through the unit to its input (zero for the first unit, whose input needs none) and
     ``flops_backward_weight`` for the unit's own weight gradients. Summed over all units they give
-    the whole model's forward + backward count.
+    the whole model's forward + backward count. The same passes count, split the same way, the
+    memory traffic of every other (memory-bound) operator and the number of operators dispatched,
+    which the cost model needs once the GEMMs are gone.
     """
 
     index: int
@@ -87,6 +89,24 @@ class Unit:
     """The unit's output alone determines everything after it (the activation cache needs this)."""
     supports_local: bool
     """Every weight of the unit sits in a conv or linear layer, so the local rule can train it."""
+    traffic_forward: float = 0.0
+    traffic_backward_input: float = 0.0
+    traffic_backward_weight: float = 0.0
+    """Per-sample bytes read and written by the unit's memory-bound ops (everything but the GEMMs
+    and convolutions that the FLOP figures count, and but views), split like the FLOPs."""
+    ops_forward: float = 0.0
+    ops_backward_input: float = 0.0
+    ops_backward_weight: float = 0.0
+    """Operators dispatched per iteration (views excluded), split like the FLOPs: the per-call
+    overhead that dominates small layers."""
+    traffic_forward_frozen: float = 0.0
+    ops_forward_frozen: float = 0.0
+    """The same for the forward of a frozen prefix unit: eval mode (norm layers use their running
+    statistics, no dropout) and no autograd (pooling keeps no indices), often much cheaper."""
+    output_bytes: float = 0.0
+    """Per-sample bytes of the unit's output (what the activation cache stores and reads back)."""
+    num_param_tensors: int = 0
+    """Parameter tensors of the unit (the optimizer's per-tensor work)."""
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """All parameters owned by this unit (each model parameter belongs to exactly one unit)."""
@@ -264,30 +284,126 @@ def _execution_order(
     return sorted(first_call, key=first_call.__getitem__)
 
 
-# --------------------------------------------------------------------------- FLOPs
+# --------------------------------------------------------------------------- work counts
 
 
-def _module_flops(model: nn.Module, counts: dict[str, dict[Any, int]], path: str) -> int:
-    key = type(model).__name__ + (f".{path}" if path else "")
-    return int(sum(counts.get(key, {}).values()))
+@dataclass(frozen=True)
+class _Work:
+    """Work of a stretch of execution: GEMM FLOPs, bytes moved by the other ops, ops dispatched."""
+
+    flops: float = 0.0
+    traffic: float = 0.0
+    ops: float = 0.0
+
+    def __add__(self, other: _Work) -> _Work:
+        return _Work(self.flops + other.flops, self.traffic + other.traffic, self.ops + other.ops)
+
+    def __sub__(self, other: _Work) -> _Work:
+        return _Work(self.flops - other.flops, self.traffic - other.traffic, self.ops - other.ops)
 
 
-def _count_flops(
-    model: nn.Module, inputs: ModelInput, trainable: Sequence[nn.Parameter] | None
-) -> dict[str, dict[Any, int]]:
-    """FlopCounterMode's per-module counts of one forward (``trainable`` is None) or one forward
-    and backward with exactly ``trainable`` requiring gradients."""
+_FACTORIES = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"})
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+class _WorkCounter(FlopCounterMode):
+    """FlopCounterMode that also counts, per module, the operators dispatched and the bytes that
+    the operators without a FLOP formula read and write (their tensor arguments and results).
+    Views cost nothing: an op whose every result shares storage with an argument and that is not
+    in place (aten names in-place ops ``name_``) is a view; an allocation (``empty``) dispatches
+    but moves no bytes. ``mark()`` ends the forward phase: ``work(..., "forward")`` is what ran
+    before it, ``work(..., "backward")`` what ran after."""
+
+    def __init__(self) -> None:
+        super().__init__(display=False)
+        self.traffic: dict[str, float] = {}
+        self.ops: dict[str, float] = {}
+        self._forward: dict[str, _Work] | None = None
+
+    def _count_flops(self, func_packet, out, args, kwargs):
+        result = super()._count_flops(func_packet, out, args, kwargs)
+        inputs = [t for t in tensors_in((args, kwargs)) if t.numel()]
+        outputs = [t for t in tensors_in(out) if t.numel()]
+        storages = {_storage(t) for t in inputs}
+        in_place = func_packet.__name__.endswith("_")  # aten's naming rule: add_, relu_, copy_
+        if outputs and not in_place and all(_storage(t) in storages for t in outputs):
+            return result  # a view
+        moved = 0
+        if func_packet not in self.flop_registry and func_packet.__name__ not in _FACTORIES:
+            moved = sum(t.numel() * t.element_size() for t in inputs + outputs)
+        for parent in set(self.mod_tracker.parents):
+            self.ops[parent] = self.ops.get(parent, 0) + 1
+            self.traffic[parent] = self.traffic.get(parent, 0) + moved
+        return result
+
+    def _total(self, key: str) -> _Work:
+        flops = sum(self.flop_counts.get(key, {}).values())
+        return _Work(float(flops), float(self.traffic.get(key, 0)), float(self.ops.get(key, 0)))
+
+    def mark(self) -> None:
+        self._forward = {key: self._total(key) for key in set(self.flop_counts) | set(self.ops)}
+
+    def work(self, model: nn.Module, path: str, phase: str = "all") -> _Work:
+        key = type(model).__name__ + (f".{path}" if path else "")
+        total = self._total(key)
+        if phase == "all" or self._forward is None:  # unmarked: a forward-only pass
+            return total if phase != "backward" else _Work()
+        forward = self._forward.get(key, _Work())
+        return forward if phase == "forward" else total - forward
+
+
+def _count_work(
+    model: nn.Module,
+    inputs: ModelInput,
+    trainable: Sequence[nn.Parameter] | None,
+    training: bool = True,
+) -> _WorkCounter:
+    """Per-module work of one forward without autograd (``trainable`` is None) or one forward
+    and backward with exactly ``trainable`` requiring gradients (``mark``ed in between), with
+    the model in train (``training``) or eval mode."""
+    model.train(training)
     for p in model.parameters():
         p.requires_grad_(False)
+        p.grad = None  # as after zero_grad(set_to_none=True): no accumulation into old grads
     for p in trainable or ():
         p.requires_grad_(True)
-    with FlopCounterMode(display=False) as counter:
+    with _WorkCounter() as counter:
         if trainable is None:
             with torch.no_grad():
                 call_model(model, inputs)
         else:
-            _scalar_objective(call_model(model, inputs)).backward()
-    return counter.get_flop_counts()
+            objective = _scalar_objective(call_model(model, inputs))
+            counter.mark()
+            objective.backward()
+    return counter
+
+
+def _output_bytes(model: nn.Module, inputs: ModelInput, exits: Sequence[nn.Module]) -> list[float]:
+    """Per-sample bytes of each exit module's (first) output; 0 where it is no batch tensor."""
+    batch = batch_size_of(inputs)
+    sizes = [0.0] * len(exits)
+    seen: set[int] = set()
+
+    def make_hook(i: int):
+        def hook(_module, _args, output):
+            tensor = isinstance(output, torch.Tensor) and output.dim() > 0
+            if i not in seen and tensor and output.shape[0] == batch:
+                sizes[i] = output.numel() * output.element_size() / batch
+            seen.add(i)
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(exits)]
+    try:
+        with torch.no_grad():
+            call_model(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sizes
 
 
 # --------------------------------------------------------------------------- cut points
@@ -413,9 +529,10 @@ def partition(model: nn.Module, example_input: ModelInput, max_units: int = 32) 
     """Split ``model`` into at most ``max_units`` freezable units in forward-execution order.
 
     ``example_input`` is one batch as the training loop feeds it: a tensor, a tuple of positional
-    arguments or a dict of keyword arguments. The model is probed (one forward, two forward and
-    backward passes under FlopCounterMode, one perturbed forward per boundary) and left exactly
-    as it was: parameters, buffers, flags and the RNG state are restored.
+    arguments or a dict of keyword arguments. The model is probed (an eval-mode forward and two
+    forward and backward passes under a FlopCounterMode that also counts memory traffic and
+    operators, a forward for output sizes, a perturbed forward per boundary) and left exactly as
+    it was: parameters, buffers, flags and the RNG state are restored.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"partition() needs a torch.nn.Module, got {type(model).__name__}")
@@ -469,18 +586,18 @@ def _measure_units(
 ) -> list[Unit]:
     batch = batch_size_of(inputs)
     all_params = list(model.parameters())
-    forward = _count_flops(model, inputs, None)
-    train = _count_flops(model, inputs, all_params)
+    train = _count_work(model, inputs, all_params)
+    frozen = _count_work(model, inputs, None, training=False)  # as a frozen prefix runs
 
-    def flops(counts: dict[str, dict[Any, int]], block_ids: Sequence[int]) -> int:
-        return sum(_module_flops(model, counts, blocks[i][0]) for i in block_ids)
+    def work(counts: _WorkCounter, block_ids: Sequence[int], phase: str = "all") -> _Work:
+        return sum((counts.work(model, blocks[i][0], phase) for i in block_ids), _Work())
 
     # Merge into at most max_units units of balanced compute; the head stays alone.
     if max_units == 1 or len(groups) == 1:
         unit_blocks = [[i for g in groups for i in g]]
     else:
         body = groups[:-1]
-        costs = [flops(forward, g) + flops(train, g) for g in body]
+        costs = [work(train, g, "forward").flops + work(train, g).flops for g in body]
         merged = _balanced_groups(costs, max_units - 1)
         unit_blocks = [[i for k in m for i in body[k]] for m in merged] + [groups[-1]]
 
@@ -501,20 +618,22 @@ def _measure_units(
         extra[home].append(param)
 
     first_unit_params = [p for i in unit_blocks[0] for p in blocks[i][1].parameters()] + extra[0]
-    to_first = _count_flops(model, inputs, first_unit_params)
-    fwd = [flops(forward, ids) for ids in unit_blocks]
-    bwd_all = [flops(train, ids) - f for ids, f in zip(unit_blocks, fwd, strict=True)]
-    bwd_first = [flops(to_first, ids) - f for ids, f in zip(unit_blocks, fwd, strict=True)]
-    b_input = [0, *bwd_first[1:]]
+    to_first = _count_work(model, inputs, first_unit_params)
+    fwd = [work(train, ids, "forward") for ids in unit_blocks]
+    fwd_frozen = [work(frozen, ids) for ids in unit_blocks]
+    bwd_all = [work(train, ids, "backward") for ids in unit_blocks]
+    bwd_first = [work(to_first, ids, "backward") for ids in unit_blocks]
+    b_input = [_Work(), *bwd_first[1:]]
     b_weight = [bwd_all[0]] + [a - c for a, c in zip(bwd_all[1:], bwd_first[1:], strict=True)]
     # Work done by the root's own code (outside every unit) is charged to the head.
-    total_fwd = _module_flops(model, forward, "")
-    total_train = _module_flops(model, train, "")
-    total_first = _module_flops(model, to_first, "")
-    fwd[-1] += total_fwd - sum(fwd)
+    fwd[-1] += train.work(model, "", "forward") - sum(fwd, _Work())
+    fwd_frozen[-1] += frozen.work(model, "") - sum(fwd_frozen, _Work())
     if len(unit_blocks) > 1:
-        b_input[-1] += (total_first - total_fwd) - sum(bwd_first)
-    b_weight[-1] += (total_train - total_fwd) - sum(b_input) - sum(b_weight)
+        b_input[-1] += to_first.work(model, "", "backward") - sum(bwd_first, _Work())
+    total_backward = train.work(model, "", "backward")
+    b_weight[-1] += total_backward - sum(b_input, _Work()) - sum(b_weight, _Work())
+    model.train()
+    output_bytes = _output_bytes(model, inputs, [blocks[ids[-1]][1] for ids in unit_blocks])
 
     model.eval()
     units = []
@@ -538,11 +657,21 @@ def _measure_units(
                 extra_parameters=tuple(extra[u]),
                 num_params=sum(p.numel() for p in params),
                 kind=_kind_of(modules),
-                flops_forward=fwd[u] / batch,
-                flops_backward_input=b_input[u] / batch,
-                flops_backward_weight=b_weight[u] / batch,
+                flops_forward=fwd[u].flops / batch,
+                flops_backward_input=b_input[u].flops / batch,
+                flops_backward_weight=b_weight[u].flops / batch,
                 is_cut_point=cut,
                 supports_local=_supports_local(modules, extra[u]),
+                traffic_forward=fwd[u].traffic / batch,
+                traffic_backward_input=b_input[u].traffic / batch,
+                traffic_backward_weight=b_weight[u].traffic / batch,
+                traffic_forward_frozen=fwd_frozen[u].traffic / batch,
+                ops_forward=fwd[u].ops,
+                ops_forward_frozen=fwd_frozen[u].ops,
+                ops_backward_input=b_input[u].ops,
+                ops_backward_weight=b_weight[u].ops,
+                output_bytes=output_bytes[u],
+                num_param_tensors=len(params),
             )
         )
     return units

@@ -1,5 +1,6 @@
 """The reference model: SP loss, slope, int8 snapshots, fidelity on a trained model, and the
-CPU worker process (results, non-blocking submit, crash and hang recovery, giving up).
+CPU worker process (results, non-blocking submit, crash and hang recovery, giving up, reuse of
+children across workers through the pool).
 
 Test models live at module level: the worker's spawned child unpickles them by class, and
 pytest puts ``tests/`` on ``sys.path``, which the child inherits.
@@ -17,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from freeze_agent import reference
 from freeze_agent.reference import (
     ReferenceWorker,
     ReferenceWorkerWarning,
@@ -26,6 +28,7 @@ from freeze_agent.reference import (
     slope,
     sp_loss,
     unit_outputs,
+    warm_pool,
 )
 from freeze_agent.units import partition
 
@@ -381,3 +384,117 @@ def test_an_unpicklable_model_leaves_the_worker_unavailable_with_a_warning():
     assert not worker.available and worker.status.startswith("failed: ")
     assert worker.submit(model, step=0) is False and worker.poll() is None
     worker.close()
+
+
+# --------------------------------------------------------------------------- the pool
+
+
+def digits_probe() -> torch.Tensor:
+    return torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+
+
+def pooled_pids() -> list[int]:
+    return [child.process.pid for child in reference._pool]
+
+
+@pytest.fixture
+def empty_pool():
+    """Start from an empty pool (earlier tests may have left idle children there)."""
+    reference._drain_pool()
+    yield
+    reference._drain_pool()
+
+
+def test_a_closed_idle_child_is_reused_for_a_different_architecture(empty_pool):
+    first = ReferenceWorker(SleepyNet(), SLEEPY_PATHS, sleepy_probe(), timeout_s=30.0)
+    assert first.submit(SleepyNet(), step=0) and first.wait(60.0) is not None
+    pid = first.pid
+    first.close()
+    assert pid in pooled_pids() and os.kill(pid, 0) is None, "an idle child is kept alive"
+
+    torch.manual_seed(3)
+    model = DigitsMLP()
+    paths = ["layer1", "layer2", "head"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReferenceWorkerWarning)
+        second = ReferenceWorker(model, paths, digits_probe(), timeout_s=30.0)
+        try:
+            assert second.pid == pid and pid not in pooled_pids()
+            assert second.submit(model, step=11)
+            result = second.wait(60.0)
+            assert result is not None and result.step == 11, second.status
+        finally:
+            second.close()
+    reference_model = DigitsMLP()
+    reference_model.load_state_dict(dequantize_state_dict(quantize_state_dict(model)))
+    want = unit_outputs(reference_model, paths, digits_probe())
+    assert [tuple(o.shape) for o in result.outputs] == [(16, 128), (16, 128), (16, 10)]
+    for got, expected in zip(result.outputs, want, strict=True):
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_pooled_child_that_died_is_not_reused(empty_pool):
+    first = ReferenceWorker(SleepyNet(), SLEEPY_PATHS, sleepy_probe(), timeout_s=30.0)
+    assert first.wait(0.0) is None  # nothing submitted
+    first.close()
+    dead = pooled_pids()
+    assert len(dead) == 1, "the idle child went to the pool"
+    for pid in dead:
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    model = SleepyNet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReferenceWorkerWarning)  # not a failure of this worker
+        second = ReferenceWorker(model, SLEEPY_PATHS, sleepy_probe(), timeout_s=30.0)
+        try:
+            assert second.pid not in dead and second.restarts == 0
+            assert second.submit(model, step=1)
+            result = second.wait(60.0)
+            assert result is not None and result.step == 1, second.status
+        finally:
+            second.close()
+
+
+def test_a_job_that_finishes_within_the_grace_is_collected_and_the_child_pooled(empty_pool):
+    model = SleepyNet()
+    worker = ReferenceWorker(model, SLEEPY_PATHS, sleepy_probe(), timeout_s=30.0)
+    assert worker.submit(model, step=0) and worker.wait(60.0) is not None
+    with torch.no_grad():
+        model.delay.fill_(0.3)
+    assert worker.submit(model, step=1)  # the snapshot a Gymnasium episode takes at its end
+    pid = worker.pid
+    worker.close()
+    assert pooled_pids() == [pid]
+
+
+def test_a_busy_child_is_killed_not_pooled(empty_pool):
+    model = SleepyNet()
+    worker = ReferenceWorker(model, SLEEPY_PATHS, sleepy_probe(), timeout_s=30.0)
+    with torch.no_grad():
+        model.delay.fill_(60.0)
+    assert worker.submit(model, step=0)
+    pid = worker.pid
+    started = time.perf_counter()
+    worker.close()
+    assert time.perf_counter() - started < 5.0
+    assert pid not in pooled_pids()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_warm_pool_starts_a_child_ahead_and_a_forked_process_does_not_inherit_it(empty_pool):
+    assert warm_pool(1, wait_s=60.0) >= 1
+    pids = pooled_pids()
+    assert pids and reference._pool[-1].started
+    forked = os.fork()
+    if forked == 0:  # the forked process: the parent's children are not its to reuse or kill
+        os._exit(0 if not reference._pool and os.kill(pids[0], 0) is None else 1)
+    _, status = os.waitpid(forked, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    model = SleepyNet()
+    worker = ReferenceWorker(model, SLEEPY_PATHS, sleepy_probe(), timeout_s=30.0)
+    try:
+        assert worker.pid in pids
+        assert worker.submit(model, step=2) and worker.wait(60.0) is not None
+    finally:
+        worker.close()

@@ -1,14 +1,16 @@
-"""partition(): units in execution order, full parameter coverage, FLOPs, cut points."""
+"""partition(): units in execution order, full parameter coverage, FLOPs, memory traffic and
+operator counts, cut points."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ResidualNet
+from conftest import ResidualNet, conv_chain
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from freeze_agent import UnitKind, partition
+from freeze_agent.units import _count_work
 
 
 def whole_model_flops(model: nn.Module, inputs, batch: int) -> float:
@@ -123,6 +125,58 @@ def test_flops_sum_to_the_whole_model_count(model, inputs):
     assert total == pytest.approx(whole_model_flops(model, inputs, 4), rel=1e-9)
     assert units[0].flops_backward_input == 0
     assert all(u.flops_forward >= 0 and u.flops_backward_weight >= 0 for u in units)
+
+
+def test_traffic_and_ops_of_a_hand_checked_model():
+    """Batch 4: Linear(4, 8, no bias) → ReLU | head Linear(8, 2). GEMMs (mm, addmm) move no
+    counted bytes; views (t, detach, expand) are neither bytes nor ops."""
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 8, bias=False), nn.ReLU()), nn.Linear(8, 2))
+    first, head = partition(model, torch.randn(4, 4))
+    floats = 4  # bytes
+    # forward: relu reads and writes 4×8 floats; backward: threshold_backward reads the
+    # incoming gradient and the relu output and writes the gradient (3 × 4×8 floats)
+    assert first.traffic_forward == 2 * 8 * floats
+    assert first.traffic_backward_input == 0
+    assert first.traffic_backward_weight == 3 * 8 * floats
+    assert (first.ops_forward, first.ops_backward_weight) == (2, 2)  # mm + relu; relu' + mm
+    # the head: addmm forward; mm to its input; mm + the bias gradient's sum (4×2 → 2) to weights
+    assert head.traffic_forward == head.traffic_backward_input == 0
+    assert head.traffic_backward_weight == (4 * 2 + 2) * floats / 4
+    assert (head.ops_forward, head.ops_backward_input, head.ops_backward_weight) == (1, 1, 2)
+    assert (first.output_bytes, head.output_bytes) == (8 * floats, 2 * floats)
+    assert (first.num_param_tensors, head.num_param_tensors) == (1, 2)
+
+
+def test_a_frozen_forward_is_counted_in_eval_mode():
+    """Block: Conv1d(8→8) → BatchNorm → ReLU → Dropout. Frozen (eval mode, no autograd) the
+    dropout is gone and BatchNorm only reads and writes its input once with its statistics."""
+    units = partition(conv_chain(width=8, depth=3), torch.randn(4, 1, 16))
+    block = units[1]
+    assert block.ops_forward_frozen < block.ops_forward
+    assert block.traffic_forward_frozen < block.traffic_forward
+    assert block.flops_forward > 0
+    activation = 8 * 16 * 4  # bytes per sample of an 8-channel, length-16 float map
+    # BatchNorm in eval mode: input and output (plus 4 per-channel vectors); ReLU: in and out
+    assert block.traffic_forward_frozen == pytest.approx(4 * activation, abs=4 * 8 * 4)
+
+
+@pytest.mark.parametrize(
+    ("model", "inputs"),
+    [(ResidualNet(), torch.randn(4, 1, 16)), (GRUNet(), torch.randn(4, 32))],
+    ids=["resnet", "gru"],
+)
+def test_traffic_and_ops_sum_to_the_whole_model_count(model, inputs):
+    units = partition(model, inputs)
+    whole = _count_work(model, inputs, list(model.parameters())).work(model, "")
+    traffic = sum(
+        u.traffic_forward + u.traffic_backward_input + u.traffic_backward_weight for u in units
+    )
+    ops = sum(u.ops_forward + u.ops_backward_input + u.ops_backward_weight for u in units)
+    model.zero_grad(set_to_none=True)
+    assert traffic * 4 == pytest.approx(whole.traffic, rel=1e-9) and whole.traffic > 0
+    assert ops == whole.ops and ops > 0
+    assert all(u.traffic_forward >= 0 and u.ops_forward > 0 for u in units)
+    assert units[-1].output_bytes == units[-1].modules[0].out_features * 4  # the logits
 
 
 def test_transformer_layers_are_attention_units_and_final_norm_joins_the_last_layer():

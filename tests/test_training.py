@@ -1,0 +1,97 @@
+"""Policy training end to end on a tiny task: PPO updates, checkpoints, resume, the artifact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import conv_chain, train_steps
+
+from freeze_agent.artifact import LearnedPolicy, load_card
+from freeze_agent.controller import FreezeController
+from freeze_agent.modes import Mode
+from freeze_agent.training import TrainConfig, ValidationCallback, latest_checkpoint, train
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FREEZE_AGENT_CACHE", str(tmp_path / "cache"))
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    settings = {
+        "tasks": ["digits-cnn2d"],
+        "val_tasks": ["digits-cnn2d"],
+        "timesteps": 16,
+        "n_envs": 1,
+        "epochs": 1,
+        "decisions": 2,
+        "reference_model": False,
+        "n_steps": 8,
+        "batch_size": 8,
+        "n_epochs": 2,
+        "checkpoint_every": 8,
+        "eval_every": 0,
+        "wandb_project": None,
+    }
+    return TrainConfig(**{**settings, **overrides})
+
+
+def test_a_few_ppo_updates_write_a_loadable_policy(tmp_path):
+    out = train(tiny_config(), tmp_path / "policy", use_wandb=False, progress_bar=False)
+    card = load_card(out)
+    assert card["timesteps"] == 16 and card["training_tasks"] == ["digits-cnn2d"]
+    assert card["validation"]["episodes"][0]["task"] == "digits-cnn2d"
+    assert latest_checkpoint(out / "checkpoints").name == "ppo_16_steps.zip"
+    policy = LearnedPolicy.load(out)
+    assert policy.max_units == 32
+
+
+def test_resume_after_interruption_continues_the_step_count(tmp_path, monkeypatch):
+    out = tmp_path / "policy"
+    original = ValidationCallback._on_step
+
+    def interrupted(self):
+        if self.model.num_timesteps >= 16:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(ValidationCallback, "_on_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(timesteps=24), out, use_wandb=False, progress_bar=False)
+    assert latest_checkpoint(out / "checkpoints").name == "ppo_16_steps.zip"
+    monkeypatch.setattr(ValidationCallback, "_on_step", original)
+
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny_config(timesteps=24), out, use_wandb=False, progress_bar=False)
+    train(tiny_config(timesteps=999), out, resume=True, use_wandb=False, progress_bar=False)
+    assert latest_checkpoint(out / "checkpoints").name == "ppo_24_steps.zip"  # saved settings win
+    assert json.loads((out / "policy.json").read_text())["timesteps"] == 24
+
+
+def test_resume_without_a_run_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="without --resume"):
+        train(tiny_config(), tmp_path / "nothing", resume=True, use_wandb=False)
+
+
+def test_batch_size_must_divide_the_rollout():
+    with pytest.raises(ValueError, match="must divide"):
+        tiny_config(n_steps=10, batch_size=4)
+
+
+def test_one_learned_policy_decides_for_models_of_different_unit_counts(tmp_path):
+    out = train(tiny_config(timesteps=8), tmp_path / "policy", use_wandb=False, progress_bar=False)
+    policy = LearnedPolicy.load(out)
+    for depth in (2, 7):
+        model = conv_chain(depth=depth)
+        controller = FreezeController(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(4, 1, 16), signals=False
+        )
+        train_steps(
+            model, controller.optimizer, controller, (torch.randn(8, 1, 16), torch.zeros(8).long())
+        )
+        modes = controller.set_modes(policy.decide(controller.observe()))
+        assert len(modes) == len(controller.units) == depth + 1
+        assert modes[-1] is Mode.TRAIN
+        controller.close()
