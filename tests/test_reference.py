@@ -24,6 +24,8 @@ from freeze_agent.reference import (
     ReferenceWorkerWarning,
     dequantize_state_dict,
     exit_module_paths,
+    gram_distance,
+    normalized_gram,
     quantize_state_dict,
     slope,
     sp_loss,
@@ -132,6 +134,8 @@ def test_sp_loss_hand_computed_case():
     b = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
     assert sp_loss(a, b) == pytest.approx(1 - math.sqrt(2) / 2, rel=1e-9)
     assert sp_loss(a, b) == pytest.approx(sp_loss(b, a))
+    # the cached form the plasticity monitor uses: G(reference) once, compared many times
+    assert gram_distance(normalized_gram(a), normalized_gram(b)) == sp_loss(a, b)
 
 
 def test_slope_of_known_sequences():

@@ -13,7 +13,8 @@ from torch import nn
 import freeze_agent
 from freeze_agent import FreezeController, Mode, partition
 from freeze_agent.observation import GLOBAL_FEATURES, UNIT_FEATURES, log_scaled
-from freeze_agent.signals import DynamicsTracker
+from freeze_agent.reference import sp_loss, unit_outputs
+from freeze_agent.signals import DynamicsTracker, one_thread_if
 
 
 def test_dynamics_on_a_hand_computed_case():
@@ -97,5 +98,30 @@ def test_plasticity_arrives_from_the_reference_worker(chain, signal_batch):
         assert obs["global"][GLOBAL_FEATURES.index("reference_available")] == 1.0
         assert (obs["units"][:4, column] == 0.0).all()
         assert obs["units"][:4, UNIT_FEATURES.index("plasticity")].max() > 0
+
+        # the values are the SP loss against the reference outputs, per step since the snapshot
+        monitor = controller.plasticity
+        values, _, _ = monitor.check(controller.steps)
+        current = unit_outputs(chain, monitor.paths, monitor.probe)
+        steps = controller.steps - monitor.reference.step
+        pairs = zip(current, monitor.reference.outputs, strict=True)
+        expected = [sp_loss(a, b) / steps for a, b in pairs]
+        assert values == pytest.approx(expected, rel=1e-9)
     finally:
         controller.close()
+
+
+def test_one_thread_if_restores_the_thread_count():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with one_thread_if(True):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with one_thread_if(False):
+            assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), one_thread_if(True):
+            raise RuntimeError("restored on the way out")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
