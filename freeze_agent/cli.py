@@ -92,6 +92,15 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--n-steps", type=int, default=64, help="rollout length per env")
     train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--learning-rate", type=float, default=3e-4)
+    train.add_argument("--ent-coef", type=float, default=0.0, help="PPO entropy bonus")
+    train.add_argument(
+        "--reward",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="reward settings (freeze_agent.rewards.RewardConfig), e.g. accuracy_weight=1.0",
+    )
     train.add_argument("--eval-every", type=int, default=1024, help="timesteps; 0: only at end")
     train.add_argument("--checkpoint-every", type=int, default=256, help="timesteps")
     train.add_argument(
@@ -314,6 +323,8 @@ def _overhead(args: argparse.Namespace) -> int:
     table.add_row("intervals (interleaved A/B)", str(result.intervals))
     table.add_row("training with signals", f"{result.seconds_with_signals:.2f} s")
     table.add_row("  of which observe()", f"{result.observe_seconds:.2f} s")
+    with_plasticity = f"{result.intervals_with_plasticity} of {result.intervals}"
+    table.add_row("  observations with plasticity", with_plasticity)
     table.add_row("training without", f"{result.seconds_without:.2f} s")
     table.add_row("ratio", f"{result.ratio:.3f}  ({100 * (result.ratio - 1):+.1f}%)")
     console.print(table)
@@ -340,6 +351,9 @@ def _train(args: argparse.Namespace) -> int:
             seed=args.seed,
             n_steps=args.n_steps,
             batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            ent_coef=args.ent_coef,
+            reward=_reward_settings(args.reward),
             eval_every=args.eval_every,
             checkpoint_every=args.checkpoint_every,
             reference_model=not args.no_reference_model,
@@ -348,6 +362,27 @@ def _train(args: argparse.Namespace) -> int:
     out = train(config, args.out, resume=args.resume, use_wandb=not args.no_wandb)
     console.print(f"policy written to {out}")
     return 0
+
+
+def _reward_settings(pairs: list[str]) -> dict[str, float | str]:
+    """``["accuracy_weight=1", "cost=measured"]`` -> RewardConfig keyword arguments."""
+    from dataclasses import fields
+
+    from freeze_agent.rewards import RewardConfig
+
+    known = {f.name: f.type for f in fields(RewardConfig)}
+    settings: dict[str, float | str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in known:
+            raise ValueError(
+                f"--reward {pair!r}: expected KEY=VALUE with KEY one of {', '.join(known)}"
+            )
+        try:
+            settings[key] = value if key == "cost" else float(value)
+        except ValueError:
+            raise ValueError(f"--reward {pair!r}: {value!r} is not a number") from None
+    return settings
 
 
 # ---------------------------------------------------------------------- evaluate

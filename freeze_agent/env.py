@@ -141,6 +141,9 @@ class FreezeTrainingEnv(gym.Env):
         self._intervals = 0
         self._return = 0.0
         self._timeline: list[str] = []
+        # Same seed, same initial model: the reference's loss at initialization is this one.
+        initial_val_loss, _ = self.trainer.evaluate("val")
+        self._loss_reduction = initial_val_loss - min(self.reference.val_losses)
         self._observation = self.trainer.controller.observe()
         info = {"task": task.name, "seed": run_seed, "units": len(self.trainer.units)}
         return self._observation, info
@@ -175,7 +178,11 @@ class FreezeTrainingEnv(gym.Env):
             val_loss, val_accuracy = trainer.evaluate("val")
             saved = self._saved(report.cost_ratio, report.seconds, share, interval_index)
             penalty = loss_penalty(
-                self.reward_config, share, val_loss, reference.val_losses[interval_index]
+                self.reward_config,
+                share,
+                val_loss,
+                reference.val_losses[interval_index],
+                self._loss_reduction,
             )
             reward = saved - penalty
             info.update(saved=saved, loss_penalty=penalty)

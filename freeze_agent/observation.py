@@ -72,6 +72,7 @@ GLOBAL_FEATURES: tuple[str, ...] = (
 )
 
 _IS_HEAD = UNIT_FEATURES.index("is_head")
+_PLASTICITY_MISSING = UNIT_FEATURES.index("plasticity_missing")
 _SUPPORTS_LOCAL = UNIT_FEATURES.index("supports_local")
 _LOG_DECADES = 6.0  # log scaling maps [1e-6, 1] of a ratio onto [0, 1]
 
@@ -105,6 +106,13 @@ def action_mask(observation: dict[str, np.ndarray]) -> np.ndarray:
     allowed[:, Mode.FROZEN] = movable
     allowed[:, Mode.LOCAL] = movable & (units[:, _SUPPORTS_LOCAL] > 0.5)
     return allowed
+
+
+def has_plasticity(observation: dict[str, np.ndarray]) -> bool:
+    """Whether the observation carries plasticity values (a reference result was in when it
+    was built)."""
+    real = observation["mask"].astype(bool)
+    return bool((observation["units"][real, _PLASTICITY_MISSING] < 0.5).any())
 
 
 def _finite(value: float | None) -> bool:

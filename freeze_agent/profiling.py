@@ -35,6 +35,7 @@ from freeze_agent.cost_model import (
     iteration_terms,
 )
 from freeze_agent.modes import Mode
+from freeze_agent.observation import has_plasticity
 from freeze_agent.tasks import Task
 from freeze_agent.trainer import Trainer, describe_unit
 from freeze_agent.units import call_model
@@ -435,6 +436,9 @@ class Overhead:
     seconds_with_signals: float
     seconds_without: float
     observe_seconds: float  # part of seconds_with_signals spent in observe()
+    # intervals whose observation held plasticity: a starved reference worker would make the
+    # overhead look small while delivering nothing
+    intervals_with_plasticity: int
 
     @property
     def ratio(self) -> float:
@@ -454,13 +458,15 @@ def measure_overhead(
     bare = Trainer(task, seed, device=device, signals=False)
     n = min(intervals or len(range(0, bare.total_steps, bare.interval)), bare.total_steps)
     timed = {"with": 0.0, "without": 0.0, "observe": 0.0}
+    with_plasticity = 0
     try:
         for _ in range(n):
             if bare.done:
                 break
             started = time.perf_counter()
-            with_signals.controller.observe()
+            observation = with_signals.controller.observe()
             timed["observe"] += time.perf_counter() - started
+            with_plasticity += has_plasticity(observation)
             timed["with"] += with_signals.run_interval().seconds
             timed["without"] += bare.run_interval().seconds
     finally:
@@ -473,4 +479,5 @@ def measure_overhead(
         seconds_with_signals=timed["with"] + timed["observe"],
         seconds_without=timed["without"],
         observe_seconds=timed["observe"],
+        intervals_with_plasticity=with_plasticity,
     )

@@ -412,8 +412,6 @@ def _worker_main(commands, results) -> None:
     in the pool. The token tags every answer with the owner it was computed for.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    with contextlib.suppress(OSError):
-        os.nice(10)  # the reference runs on spare cycles: training keeps priority for the cores
     try:
         with contextlib.suppress(RuntimeError):
             torch.set_num_interop_threads(1)
@@ -538,6 +536,11 @@ class _Incarnation:
         )
         with _main_module_hidden():
             self.process.start()
+        # Lower its priority now, before it imports torch (seconds of CPU): on a machine whose
+        # cores training keeps busy, the reference runs on spare cycles instead of taking a
+        # core from training. The child's own os.nice is too late for its start-up.
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, self.process.pid, min(os.nice(0) + WORKER_NICENESS, 19))
         # Only the child holds these ends now: its death reads as EOF / broken pipe here.
         child_commands.close()
         child_results.close()
@@ -619,6 +622,7 @@ class _Incarnation:
 # --------------------------------------------------------------------------- the pool
 
 POOL_MAX_IDLE = 2
+WORKER_NICENESS = 10  # added to the parent's: the child takes the cycles training leaves
 """At most this many idle children are kept per process (each holds an interpreter with torch
 imported, a few hundred MB); a run hands its child back when it ends and the next run takes it,
 so a process that trains run after run (the Gymnasium environment) spawns one child, not one per

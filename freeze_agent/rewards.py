@@ -3,7 +3,9 @@
 Per decision interval the agent earns the fraction of the run's all-TRAIN cost that the interval
 saved, so the per-step rewards of an episode add up to the fraction of the whole run saved
 (1 - cost ratio). It pays for validation loss above the same-seed all-TRAIN reference at the same
-point of training, relative to that reference and weighted by the interval's share of the run.
+point of training, as a fraction of the loss reduction the reference achieves over its run and
+weighted by the interval's share of the run. (Relative to the reference loss itself, a model that
+has converged to a near-zero loss would pay heavily for differences that change no prediction.)
 At the end it pays for final validation accuracy lost beyond a tolerance. A run that diverges
 ends at once with a fixed penalty. Both penalties saturate, so that one ruined run does not
 swamp the value estimates of every other.
@@ -21,13 +23,16 @@ class RewardConfig:
     """Weights and tolerance of the reward.
 
     Args:
-        loss_weight: penalty per unit of relative validation-loss excess over the reference,
-            integrated over the run (0.1 means: 10% above the reference for the whole run costs
-            as much as saving 10% of the compute earns).
+        loss_weight: penalty per unit of validation-loss excess over the reference, measured
+            in the reference's loss reduction over the run and integrated over the run (at 1,
+            lagging 10% of that reduction behind the reference for the whole run costs as much
+            as saving 10% of the compute earns).
         accuracy_weight: final penalty per percentage point of validation accuracy lost beyond
-            ``tolerance_pp``.
+            ``tolerance_pp``. At 0.5, a 1.3x speedup (saving 0.23 of the run) is worth less
+            than half a point lost beyond the tolerance.
         tolerance_pp: accuracy loss (percentage points) that costs nothing.
-        max_loss_excess: relative validation-loss excess beyond which the penalty stops growing.
+        max_loss_excess: validation-loss excess (in the same unit) beyond which the penalty
+            stops growing.
         max_accuracy_penalty: most the final accuracy penalty can cost.
         divergence_penalty: paid once when the training loss becomes non-finite.
         cost: "modeled" rewards the cost model's saving (deterministic); "measured" rewards the
@@ -35,7 +40,7 @@ class RewardConfig:
     """
 
     loss_weight: float = 1.0
-    accuracy_weight: float = 0.2
+    accuracy_weight: float = 0.5
     tolerance_pp: float = 0.5
     max_loss_excess: float = 1.0
     max_accuracy_penalty: float = 2.0
@@ -60,12 +65,19 @@ def saving(interval_share: float, cost_ratio: float) -> float:
 
 
 def loss_penalty(
-    config: RewardConfig, interval_share: float, val_loss: float, reference_val_loss: float
+    config: RewardConfig,
+    interval_share: float,
+    val_loss: float,
+    reference_val_loss: float,
+    loss_reduction: float,
 ) -> float:
-    """Penalty for validation loss above the reference at the same point of training."""
-    if reference_val_loss <= 0:
+    """Penalty for validation loss above the reference at the same point of training.
+
+    ``loss_reduction`` is the reference run's: its validation loss at initialization minus its
+    lowest; the excess is measured in it."""
+    if loss_reduction <= 0:
         return 0.0
-    excess = (val_loss - reference_val_loss) / reference_val_loss
+    excess = (val_loss - reference_val_loss) / loss_reduction
     if not math.isfinite(excess):  # a non-finite validation loss is as bad as it gets
         excess = config.max_loss_excess
     excess = min(max(excess, 0.0), config.max_loss_excess)

@@ -25,9 +25,16 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList, Check
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
-from freeze_agent.artifact import save_policy
+from freeze_agent.artifact import save_policy, update_card
 from freeze_agent.env import FreezeTrainingEnv, resolve_tasks
 from freeze_agent.episodes import evaluate, sb3_actor
+from freeze_agent.learning_curve import (
+    EPISODES_FILE,
+    EpisodeRecorder,
+    learning_curve,
+    read_episodes,
+    training_wall_seconds,
+)
 from freeze_agent.policy_net import UnitAttentionPolicy
 from freeze_agent.rewards import RewardConfig
 from freeze_agent.wandb_logging import EpisodeLogger, attach_to, start_run
@@ -59,7 +66,7 @@ class TrainConfig:
     learning_rate: float = 3e-4
     gamma: float = 0.995  # the final accuracy penalty must reach early decisions
     gae_lambda: float = 0.95
-    ent_coef: float = 0.01
+    ent_coef: float = 0.0  # the policy's initial prior, not entropy, drives exploration
     policy_kwargs: dict[str, Any] = field(default_factory=dict)
     # bookkeeping, in environment steps (decisions)
     checkpoint_every: int = 256
@@ -104,20 +111,25 @@ def train(
 
     venv = make_vec_env(config)
     last = latest_checkpoint(checkpoints) if resume else None
+    # The saved config's PPO settings win over the checkpoint's, so a resumed run can be given
+    # more environments (and a rollout to match) by editing train_config.json.
+    ppo_settings = {
+        "n_steps": config.n_steps,
+        "batch_size": config.batch_size,
+        "n_epochs": config.n_epochs,
+        "learning_rate": config.learning_rate,
+        "gamma": config.gamma,
+        "gae_lambda": config.gae_lambda,
+        "ent_coef": config.ent_coef,
+    }
     if last is not None:
-        model = MaskablePPO.load(last, env=venv, device="cpu")
+        model = MaskablePPO.load(last, env=venv, device="cpu", **ppo_settings)
         print(f"resuming from {last} at {model.num_timesteps} timesteps")
     else:
         model = MaskablePPO(
             UnitAttentionPolicy,
             venv,
-            n_steps=config.n_steps,
-            batch_size=config.batch_size,
-            n_epochs=config.n_epochs,
-            learning_rate=config.learning_rate,
-            gamma=config.gamma,
-            gae_lambda=config.gae_lambda,
-            ent_coef=config.ent_coef,
+            **ppo_settings,
             policy_kwargs=config.policy_kwargs,
             seed=config.seed,
             device="cpu",
@@ -125,8 +137,10 @@ def train(
     if run is not None:
         attach_to(model, run)
 
-    validation = ValidationCallback(config, out)
+    validation = ValidationCallback(config, out, resume=last is not None)
+    episodes = checkpoints / EPISODES_FILE
     callbacks: list[BaseCallback] = [
+        EpisodeRecorder(episodes, resumed_at=model.num_timesteps if last is not None else None),
         CheckpointCallback(
             save_freq=max(1, config.checkpoint_every // config.n_envs),
             save_path=str(checkpoints),
@@ -148,12 +162,26 @@ def train(
         model.save(checkpoints / f"ppo_{model.num_timesteps}_steps.zip")
         if validation.evaluated_at != model.num_timesteps:  # the final policy may be the best
             validation.evaluate_and_keep(model)
+        record_training_run(out, read_episodes(episodes), model.num_timesteps)
     finally:
         venv.close()
         validation.close()
         if run is not None:
             run.finish()
     return out
+
+
+def record_training_run(out: Path, episodes: list[dict[str, Any]], timesteps: int) -> None:
+    """Write the run's learning curve and wall time into the policy card (``training_run``)."""
+    update_card(
+        out,
+        training_run={
+            "timesteps": timesteps,
+            "episodes": len(episodes),
+            "wall_seconds": training_wall_seconds(episodes),
+            "learning_curve": learning_curve(episodes),
+        },
+    )
 
 
 # ---------------------------------------------------------------------- environments
@@ -241,12 +269,15 @@ def _write_config(config: TrainConfig, checkpoints: Path) -> None:
 
 class ValidationCallback(BaseCallback):
     """Every ``eval_every`` timesteps, play each validation task once (seed 0, deterministic
-    actions) and write the policy artifact to ``out`` whenever the mean return improves."""
+    actions) and write the policy artifact to ``out`` whenever the mean return improves.
 
-    def __init__(self, config: TrainConfig, out: Path) -> None:
+    A resumed run starts from the best return recorded in ``out``; a new run ignores whatever
+    an earlier run left there (its returns may come from another reward)."""
+
+    def __init__(self, config: TrainConfig, out: Path, *, resume: bool = False) -> None:
         super().__init__()
         self.config, self.out = config, out
-        self.best: float | None = _recorded_best(out)
+        self.best: float | None = _recorded_best(out) if resume else None
         self._last_eval = 0
         self.evaluated_at: int | None = None
         self._env: FreezeTrainingEnv | None = None

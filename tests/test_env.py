@@ -143,10 +143,12 @@ def test_reward_components_on_a_hand_made_case():
     config = RewardConfig(loss_weight=2.0, accuracy_weight=0.5, tolerance_pp=0.5)
     # a quarter of the run at 40% of the all-TRAIN cost saves 15% of the run
     assert saving(0.25, 0.4) == pytest.approx(0.15)
-    # 10% above the reference loss for a quarter of the run, weight 2
-    assert loss_penalty(config, 0.25, 1.1, 1.0) == pytest.approx(0.05)
-    assert loss_penalty(config, 0.25, 0.9, 1.0) == 0.0  # better than the reference is free
-    assert loss_penalty(config, 0.25, float("nan"), 1.0) == pytest.approx(0.5)  # saturates
+    # 0.1 above the reference loss, which drops by 2.0 over its run, for a quarter of the run
+    assert loss_penalty(config, 0.25, 1.1, 1.0, 2.0) == pytest.approx(0.025)
+    assert loss_penalty(config, 0.25, 1.4, 1.0, 2.0) == pytest.approx(0.1)
+    assert loss_penalty(config, 0.25, 0.9, 1.0, 2.0) == 0.0  # better than the reference is free
+    assert loss_penalty(config, 0.25, float("nan"), 1.0, 2.0) == pytest.approx(0.5)  # saturates
+    assert loss_penalty(config, 0.25, 1.4, 1.0, 0.0) == 0.0  # a reference that never learned
     # 1.5pp lost, 0.5pp tolerated, 0.5 per pp
     assert accuracy_penalty(config, 0.885, 0.900) == pytest.approx(0.5)
     assert accuracy_penalty(config, 0.897, 0.900) == 0.0

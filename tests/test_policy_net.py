@@ -49,6 +49,21 @@ def test_one_policy_decides_for_any_unit_count(n_units):
     assert actions[n_units - 1] == Mode.TRAIN  # the head
 
 
+def test_untrained_policy_starts_from_the_initial_mode_probabilities():
+    probabilities = (0.7, 0.1, 0.2)
+    policy = make_policy(initial_mode_probabilities=probabilities)
+    observation = random_observation(np.random.default_rng(2), MAX_UNITS, 7)
+    logits, _ = logits_and_value(policy, observation)
+    per_unit = torch.softmax(torch.from_numpy(logits[:7]), dim=-1).numpy()
+    np.testing.assert_allclose(per_unit, np.tile(probabilities, (7, 1)), atol=0.02)
+
+
+@pytest.mark.parametrize("probabilities", [(0.5, 0.5), (0.9, 0.2, -0.1), (0.5, 0.3, 0.3)])
+def test_bad_initial_mode_probabilities_are_refused(probabilities):
+    with pytest.raises(ValueError, match="initial_mode_probabilities"):
+        make_policy(initial_mode_probabilities=probabilities)
+
+
 def test_padded_slots_do_not_influence_real_units():
     policy = make_policy()
     rng = np.random.default_rng(0)

@@ -502,3 +502,10 @@ def test_warm_pool_starts_a_child_ahead_and_a_forked_process_does_not_inherit_it
         assert worker.submit(model, step=2) and worker.wait(60.0) is not None
     finally:
         worker.close()
+
+
+def test_the_child_runs_at_a_lower_priority_than_training(empty_pool):
+    assert warm_pool(1, wait_s=60.0) >= 1
+    child = pooled_pids()[0]
+    expected = min(os.nice(0) + reference.WORKER_NICENESS, 19)
+    assert os.getpriority(os.PRIO_PROCESS, child) == expected > os.nice(0)

@@ -12,7 +12,12 @@ from torch import nn
 
 import freeze_agent
 from freeze_agent import FreezeController, Mode, partition
-from freeze_agent.observation import GLOBAL_FEATURES, UNIT_FEATURES, log_scaled
+from freeze_agent.observation import (
+    GLOBAL_FEATURES,
+    UNIT_FEATURES,
+    has_plasticity,
+    log_scaled,
+)
 from freeze_agent.reference import sp_loss, unit_outputs
 from freeze_agent.signals import DynamicsTracker, one_thread_if
 
@@ -91,10 +96,11 @@ def test_plasticity_arrives_from_the_reference_worker(chain, signal_batch):
     column = UNIT_FEATURES.index("plasticity_missing")
     try:
         obs = controller.observe()  # starts the worker, submits the first snapshot
-        assert obs["units"][0, column] == 1.0
+        assert obs["units"][0, column] == 1.0 and not has_plasticity(obs)
         assert controller.plasticity.wait_for_reference(60)
         train_steps(chain, optimizer, controller, (x, y))
         obs = controller.observe()
+        assert has_plasticity(obs)
         assert obs["global"][GLOBAL_FEATURES.index("reference_available")] == 1.0
         assert (obs["units"][:4, column] == 0.0).all()
         assert obs["units"][:4, UNIT_FEATURES.index("plasticity")].max() > 0

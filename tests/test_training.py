@@ -9,7 +9,9 @@ import torch
 from conftest import conv_chain, train_steps
 
 from freeze_agent.artifact import LearnedPolicy, load_card
+from freeze_agent.cli import _reward_settings
 from freeze_agent.controller import FreezeController
+from freeze_agent.learning_curve import read_episodes
 from freeze_agent.modes import Mode
 from freeze_agent.training import TrainConfig, ValidationCallback, latest_checkpoint, train
 
@@ -46,6 +48,12 @@ def test_a_few_ppo_updates_write_a_loadable_policy(tmp_path):
     assert latest_checkpoint(out / "checkpoints").name == "ppo_16_steps.zip"
     policy = LearnedPolicy.load(out)
     assert policy.max_units == 32
+    episodes = read_episodes(out / "checkpoints" / "episodes.jsonl")
+    assert len(episodes) == 8  # 16 decisions, 2 per episode
+    assert {e["task"] for e in episodes} == {"digits-cnn2d"}
+    run = card["training_run"]
+    assert run["timesteps"] == 16 and run["episodes"] == 8
+    assert sum(row["episodes"] for row in run["learning_curve"]) == 8
 
 
 def test_resume_after_interruption_continues_the_step_count(tmp_path, monkeypatch):
@@ -68,6 +76,31 @@ def test_resume_after_interruption_continues_the_step_count(tmp_path, monkeypatc
     train(tiny_config(timesteps=999), out, resume=True, use_wandb=False, progress_bar=False)
     assert latest_checkpoint(out / "checkpoints").name == "ppo_24_steps.zip"  # saved settings win
     assert json.loads((out / "policy.json").read_text())["timesteps"] == 24
+
+    # the saved settings, edited, take over from the checkpoint's: a longer rollout, more steps
+    saved = out / "checkpoints" / "train_config.json"
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "n_steps": 24, "timesteps": 40}))
+    train(tiny_config(), out, resume=True, use_wandb=False, progress_bar=False)
+    assert latest_checkpoint(out / "checkpoints").name == "ppo_48_steps.zip"  # one rollout of 24
+
+
+def test_a_new_run_replaces_an_earlier_runs_policy_whatever_its_recorded_return(tmp_path):
+    out = tmp_path / "policy"
+    out.mkdir()
+    (out / "policy.json").write_text(json.dumps({"validation": {"means": {"return": 1e9}}}))
+    train(tiny_config(timesteps=8), out, use_wandb=False, progress_bar=False)
+    assert load_card(out)["timesteps"] == 8
+
+
+def test_reward_settings_from_the_command_line():
+    assert _reward_settings(["accuracy_weight=1.5", "cost=measured"]) == {
+        "accuracy_weight": 1.5,
+        "cost": "measured",
+    }
+    with pytest.raises(ValueError, match="KEY one of loss_weight"):
+        _reward_settings(["accuracy=1"])
+    with pytest.raises(ValueError, match="not a number"):
+        _reward_settings(["tolerance_pp=half"])
 
 
 def test_resume_without_a_run_says_what_to_do(tmp_path):
