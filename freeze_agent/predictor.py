@@ -255,7 +255,11 @@ def load_predictor(folder: str | Path = DEFAULT_DIR) -> AttentionPredictor:
             f"{CARD_FILE}); train one with `freeze-agent train-predictor --out {folder}`"
         )
     architecture = json.loads(card_path.read_text())["architecture"]
-    model = AttentionPredictor(architecture["snapshot_size"], architecture["drift_scale"])
+    # Building the layers draws their (then overwritten) initial weights from the global RNG;
+    # a controller loads this mid-setup, and the training it observes must not see a different
+    # random stream (dropout masks) because of it.
+    with torch.random.fork_rng(devices=[]):
+        model = AttentionPredictor(architecture["snapshot_size"], architecture["drift_scale"])
     model.load_state_dict(load_file(weights))
     return model.eval()
 

@@ -131,3 +131,32 @@ def test_one_thread_if_restores_the_thread_count():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_observing_a_run_leaves_its_random_stream_alone():
+    """Dropout draws from the global RNG, so signals that consumed it (building the SmartFRZ
+    predictor, say) would make an observed run differ from an unobserved one."""
+
+    def losses(signals: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = torch.randn(16, 8, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 3
+        controller = FreezeController(
+            model, optimizer, x, total_steps=8, signals=signals, reference=False
+        )
+        recorded = []
+        try:
+            for _ in range(4):
+                controller.observe()
+                optimizer.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                optimizer.step()
+                controller.step(loss)
+                recorded.append(loss.item())
+        finally:
+            controller.close()
+        return recorded
+
+    assert losses(signals=True) == losses(signals=False)
