@@ -370,7 +370,7 @@ def _reward_settings(pairs: list[str]) -> dict[str, float | str]:
 
     from freeze_agent.rewards import RewardConfig
 
-    known = {f.name: f.type for f in fields(RewardConfig)}
+    known = [f.name for f in fields(RewardConfig)]
     settings: dict[str, float | str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")

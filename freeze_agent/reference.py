@@ -538,7 +538,7 @@ class _Incarnation:
             self.process.start()
         # Lower its priority now, before it imports torch (seconds of CPU): on a machine whose
         # cores training keeps busy, the reference runs on spare cycles instead of taking a
-        # core from training. The child's own os.nice is too late for its start-up.
+        # core from training. (In the child, os.nice would only run after that import.)
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, self.process.pid, min(os.nice(0) + WORKER_NICENESS, 19))
         # Only the child holds these ends now: its death reads as EOF / broken pipe here.
@@ -622,11 +622,11 @@ class _Incarnation:
 # --------------------------------------------------------------------------- the pool
 
 POOL_MAX_IDLE = 2
-WORKER_NICENESS = 10  # added to the parent's: the child takes the cycles training leaves
 """At most this many idle children are kept per process (each holds an interpreter with torch
 imported, a few hundred MB); a run hands its child back when it ends and the next run takes it,
 so a process that trains run after run (the Gymnasium environment) spawns one child, not one per
 run."""
+WORKER_NICENESS = 10  # added to the parent's: the child takes the cycles training leaves
 
 CLOSE_GRACE_S = 2.0
 """How long :meth:`ReferenceWorker.close` waits for a job in flight before it kills the child
