@@ -38,10 +38,17 @@ def sb3_actor(model: MaskablePPO) -> Actor:
 
 
 def play_episode(
-    env: FreezeTrainingEnv, act: Actor | Policy, task: str | None = None, seed: int | None = None
+    env: FreezeTrainingEnv,
+    act: Actor | Policy,
+    task: str | None = None,
+    seed: int | None = None,
+    *,
+    refresh_reference: bool = False,
 ) -> dict[str, Any]:
-    """Run one episode to its end and return the env's episode summary."""
+    """Run one episode to its end and return the env's episode summary (``refresh_reference``:
+    see ``FreezeTrainingEnv.reset``)."""
     options = {k: v for k, v in (("task", task), ("seed", seed)) if v is not None}
+    options["refresh_reference"] = refresh_reference
     observation, _ = env.reset(options=options)
     if isinstance(act, Policy):
         act = policy_actor(act, env.max_units)
@@ -60,7 +67,7 @@ class Evaluation:
 
     @property
     def mean_return(self) -> float:
-        return float(np.mean([e["return"] for e in self.episodes]))
+        return self.mean("return")
 
     def mean(self, key: str) -> float:
         return float(np.mean([e[key] for e in self.episodes]))

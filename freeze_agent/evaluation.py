@@ -18,7 +18,6 @@ from rich.console import Console
 from freeze_agent.baselines import make_policy
 from freeze_agent.env import FreezeTrainingEnv
 from freeze_agent.episodes import play_episode
-from freeze_agent.trajectories import reference_trajectory
 
 
 @dataclass
@@ -63,11 +62,10 @@ class EvaluationReport:
         """Store the per-task rows in the policy's card (``policy.json``)."""
         if self.policy_dir is None:
             raise ValueError(f"{self.policy} is a baseline, not a policy folder with a card")
-        from freeze_agent.artifact import load_card, update_card
+        from freeze_agent.artifact import update_card
 
-        evaluation = load_card(self.policy_dir).get("evaluation", {})
-        evaluation.update({row["task"]: row for row in self.rows()})
-        update_card(self.policy_dir, evaluation=evaluation)
+        # update_card merges dicts: results for tasks not evaluated now stay in the card
+        update_card(self.policy_dir, evaluation={row["task"]: row for row in self.rows()})
 
 
 def evaluate_policy(
@@ -93,9 +91,9 @@ def evaluate_policy(
         for task in env.tasks:
             for seed in seeds:
                 with console.status(f"{task.name}, seed {seed}"):
-                    if remeasure:
-                        reference_trajectory(task, seed, refresh=True)
-                    summary = play_episode(env, policy, task.name, seed)
+                    summary = play_episode(
+                        env, policy, task.name, seed, refresh_reference=remeasure
+                    )
                 report.episodes.append(summary)
                 console.print(
                     f"{task.name} seed {seed}: modeled {summary['modeled_speedup']:.2f}x, "

@@ -43,6 +43,11 @@ from freeze_agent.units import call_model
 BASE = "0"  # the all-TRAIN variant: every ratio is to its time
 
 
+def _over(measured: float | None, modeled: float | None) -> float | None:
+    """measured / modeled, or None when either is missing (no cached variant, no LOO fit)."""
+    return None if measured is None or not modeled else measured / modeled
+
+
 @dataclass
 class DepthTiming:
     """Time per iteration with ``frozen_units`` leading units FROZEN, without and (where the
@@ -75,21 +80,15 @@ class DepthTiming:
 
     @property
     def cached_measured_over_modeled(self) -> float | None:
-        if self.cached_measured_ratio is None or not self.cached_modeled_ratio:
-            return None
-        return self.cached_measured_ratio / self.cached_modeled_ratio
+        return _over(self.cached_measured_ratio, self.cached_modeled_ratio)
 
     @property
     def loo_measured_over_modeled(self) -> float | None:
-        if not self.loo_modeled_ratio:
-            return None
-        return self.measured_ratio / self.loo_modeled_ratio
+        return _over(self.measured_ratio, self.loo_modeled_ratio)
 
     @property
     def cached_loo_measured_over_modeled(self) -> float | None:
-        if self.cached_measured_ratio is None or not self.cached_loo_modeled_ratio:
-            return None
-        return self.cached_measured_ratio / self.cached_loo_modeled_ratio
+        return _over(self.cached_measured_ratio, self.cached_loo_modeled_ratio)
 
 
 @dataclass
@@ -113,7 +112,7 @@ class AloneTiming:
 
     @property
     def loo_measured_over_modeled(self) -> float | None:
-        return None if not self.loo_modeled_ratio else self.measured_ratio / self.loo_modeled_ratio
+        return _over(self.measured_ratio, self.loo_modeled_ratio)
 
 
 @dataclass

@@ -517,6 +517,10 @@ def _main_module_hidden() -> Iterator[None]:
             setattr(main, key, value)
 
 
+WORKER_NICENESS = 10
+"""Added to the parent's niceness for each child: the reference takes the cycles training leaves."""
+
+
 class _Incarnation:
     """One child process with its pipes and the sender thread that feeds it.
 
@@ -626,7 +630,6 @@ POOL_MAX_IDLE = 2
 imported, a few hundred MB); a run hands its child back when it ends and the next run takes it,
 so a process that trains run after run (the Gymnasium environment) spawns one child, not one per
 run."""
-WORKER_NICENESS = 10  # added to the parent's: the child takes the cycles training leaves
 
 CLOSE_GRACE_S = 2.0
 """How long :meth:`ReferenceWorker.close` waits for a job in flight before it kills the child

@@ -160,3 +160,14 @@ def test_bad_reward_settings_are_refused():
         RewardConfig(cost="wall")
     with pytest.raises(ValueError, match="loss_weight must be >= 0"):
         RewardConfig(loss_weight=-1)
+
+
+def test_reset_can_retrain_the_reference_run(env, tmp_path):
+    env.reset(options={"task": "digits-cnn2d", "seed": 0})
+    (cached,) = (tmp_path / "cache" / "trajectories").glob("*.json")
+    cached.write_text(cached.read_text().replace(str(env.reference.test_accuracy), "0.123456"))
+    env.reset(options={"task": "digits-cnn2d", "seed": 0})
+    assert env.reference.test_accuracy == 0.123456  # read from the cache
+    env.reset(options={"task": "digits-cnn2d", "seed": 0, "refresh_reference": True})
+    assert env.reference.test_accuracy != 0.123456  # trained again, same settings
+    assert len(env.reference.val_losses) == 3
