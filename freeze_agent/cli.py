@@ -101,6 +101,23 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="reward settings (freeze_agent.rewards.RewardConfig), e.g. accuracy_weight=1.0",
     )
+    train.add_argument(
+        "--imitation-rounds",
+        type=int,
+        default=0,
+        help="kick-start: imitate the plateau teacher for this many rounds before PPO "
+        "(round 1 plays the teacher, later rounds the agent: DAgger); 0: PPO from scratch",
+    )
+    train.add_argument(
+        "--imitation-episodes", type=int, default=1, help="episodes per env and round"
+    )
+    train.add_argument(
+        "--teacher-tolerance",
+        type=float,
+        default=0.05,
+        help="the teacher starts freezing once the reference's val loss is within this "
+        "fraction of its improvement from its best",
+    )
     train.add_argument("--eval-every", type=int, default=1024, help="timesteps; 0: only at end")
     train.add_argument("--checkpoint-every", type=int, default=256, help="timesteps")
     train.add_argument(
@@ -354,6 +371,9 @@ def _train(args: argparse.Namespace) -> int:
             learning_rate=args.learning_rate,
             ent_coef=args.ent_coef,
             reward=_reward_settings(args.reward),
+            imitation_rounds=args.imitation_rounds,
+            imitation_episodes=args.imitation_episodes,
+            teacher_tolerance=args.teacher_tolerance,
             eval_every=args.eval_every,
             checkpoint_every=args.checkpoint_every,
             reference_model=not args.no_reference_model,

@@ -13,12 +13,14 @@ import json
 import multiprocessing
 import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 import torch
 from sb3_contrib import MaskablePPO
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList, CheckpointCallback
@@ -28,6 +30,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 from freeze_agent.artifact import save_policy, update_card
 from freeze_agent.env import FreezeTrainingEnv, resolve_tasks
 from freeze_agent.episodes import evaluate, sb3_actor
+from freeze_agent.imitation import Demonstrations, PlateauTeacher, agent_actor, clone, collect
 from freeze_agent.learning_curve import (
     EPISODES_FILE,
     EpisodeRecorder,
@@ -41,6 +44,7 @@ from freeze_agent.wandb_logging import EpisodeLogger, attach_to, start_run
 
 CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "train_config.json"
+KICKSTART_FILE = "kickstart.json"
 
 
 @dataclass
@@ -68,6 +72,12 @@ class TrainConfig:
     gae_lambda: float = 0.95
     ent_coef: float = 0.0  # the policy's initial prior, not entropy, drives exploration
     policy_kwargs: dict[str, Any] = field(default_factory=dict)
+    # kick-start (freeze_agent.imitation): imitate the plateau teacher before PPO; round 1
+    # plays the teacher, later rounds play the agent (DAgger); 0 rounds: PPO from scratch
+    imitation_rounds: int = 0
+    imitation_episodes: int = 1  # per environment and round
+    imitation_epochs: int = 100
+    teacher_tolerance: float = 0.05
     # bookkeeping, in environment steps (decisions)
     checkpoint_every: int = 256
     eval_every: int = 1024
@@ -82,7 +92,10 @@ class TrainConfig:
                 f"batch_size {self.batch_size} must divide n_steps * n_envs = "
                 f"{self.n_steps * self.n_envs}"
             )
+        if self.imitation_rounds < 0 or self.imitation_episodes < 1:
+            raise ValueError("imitation_rounds must be >= 0 and imitation_episodes >= 1")
         RewardConfig(**self.reward)  # validate early
+        PlateauTeacher(self.teacher_tolerance)
 
 
 def train(
@@ -151,6 +164,9 @@ def train(
     if run is not None:
         callbacks.append(EpisodeLogger(run))
     try:
+        if last is None and config.imitation_rounds:
+            kickstart(model, venv, config, checkpoints)
+            validation.evaluate_at_start = True  # the imitating policy may be the best
         remaining = config.timesteps - model.num_timesteps
         if remaining > 0:
             model.learn(
@@ -162,7 +178,7 @@ def train(
         model.save(checkpoints / f"ppo_{model.num_timesteps}_steps.zip")
         if validation.evaluated_at != model.num_timesteps:  # the final policy may be the best
             validation.evaluate_and_keep(model)
-        record_training_run(out, read_episodes(episodes), model.num_timesteps)
+        record_training_run(out, read_episodes(episodes), model.num_timesteps, checkpoints)
     finally:
         venv.close()
         validation.close()
@@ -171,17 +187,59 @@ def train(
     return out
 
 
-def record_training_run(out: Path, episodes: list[dict[str, Any]], timesteps: int) -> None:
-    """Write the run's learning curve and wall time into the policy card (``training_run``)."""
-    update_card(
-        out,
-        training_run={
-            "timesteps": timesteps,
-            "episodes": len(episodes),
-            "wall_seconds": training_wall_seconds(episodes),
-            "learning_curve": learning_curve(episodes),
-        },
+def record_training_run(
+    out: Path, episodes: list[dict[str, Any]], timesteps: int, checkpoints: Path
+) -> None:
+    """Write the run's learning curve and wall time into the policy card (``training_run``),
+    with the kick-start's rounds when there was one."""
+    run = {
+        "timesteps": timesteps,
+        "episodes": len(episodes),
+        "wall_seconds": training_wall_seconds(episodes),
+        "learning_curve": learning_curve(episodes),
+    }
+    if (checkpoints / KICKSTART_FILE).is_file():
+        run["kickstart"] = json.loads((checkpoints / KICKSTART_FILE).read_text())
+    update_card(out, training_run=run)
+
+
+def kickstart(model: MaskablePPO, venv: VecEnv, config: TrainConfig, checkpoints: Path) -> None:
+    """Imitate the plateau teacher for ``config.imitation_rounds`` rounds (DAgger after the
+    first), then save the result as the run's step-0 checkpoint so a resume starts from it."""
+    teacher = PlateauTeacher(config.teacher_tolerance)
+    demonstrations = Demonstrations()
+    rounds = []
+    for round_index in range(config.imitation_rounds):
+        started = time.monotonic()
+        act = None if round_index == 0 else agent_actor(model)
+        played = collect(venv, teacher, config.imitation_episodes, gamma=config.gamma, act=act)
+        demonstrations.extend(played)
+        fit = clone(model, demonstrations, epochs=config.imitation_epochs, seed=config.seed)
+        rounds.append(
+            {
+                "actor": "teacher" if act is None else "agent",
+                "means": _episode_means(played.episodes),
+                "fit": fit,
+                "episodes": [
+                    {key: e[key] for key in ("task", "seed", *_EPISODE_KEYS)}
+                    for e in played.episodes
+                ],
+                "seconds": time.monotonic() - started,
+            }
+        )
+        summary = {key: rounds[-1][key] for key in ("actor", "means", "fit")}
+        print(f"kick-start round {round_index + 1}: {json.dumps(summary)}")
+    (checkpoints / KICKSTART_FILE).write_text(
+        json.dumps({"teacher_tolerance": config.teacher_tolerance, "rounds": rounds}, indent=2)
     )
+    model.save(checkpoints / "ppo_0_steps.zip")
+
+
+_EPISODE_KEYS = ("return", "modeled_speedup", "accuracy_delta_pp")
+
+
+def _episode_means(episodes: list[dict[str, Any]]) -> dict[str, float]:
+    return {key: float(np.mean([e[key] for e in episodes])) for key in _EPISODE_KEYS}
 
 
 # ---------------------------------------------------------------------- environments
@@ -280,10 +338,13 @@ class ValidationCallback(BaseCallback):
         self.best: float | None = _recorded_best(out) if resume else None
         self._last_eval = 0
         self.evaluated_at: int | None = None
+        self.evaluate_at_start = False
         self._env: FreezeTrainingEnv | None = None
 
     def _on_training_start(self) -> None:
         self._last_eval = self.model.num_timesteps
+        if self.evaluate_at_start:
+            self.evaluate_and_keep(self.model)
 
     def _on_step(self) -> bool:
         if self.config.eval_every and (
