@@ -107,7 +107,6 @@ class FreezeTrainingEnv(gym.Env):
         self.trainer: Trainer | None = None
         self.reference: ReferenceTrajectory | None = None
         self._observation: dict[str, np.ndarray] | None = None
-        self._intervals = 0
 
     # ------------------------------------------------------------------ episode
 
@@ -196,11 +195,6 @@ class FreezeTrainingEnv(gym.Env):
         if terminated:
             info["episode_summary"] = self._summary(val_accuracy, info.get("reason"))
         return self._observation, float(reward), terminated, False, info
-
-    @property
-    def intervals_done(self) -> int:
-        """Decision intervals trained so far in this episode: the index of the next decision."""
-        return self._intervals
 
     def action_masks(self) -> np.ndarray:
         """Legal modes of the current observation, flattened unit by unit (MaskablePPO's

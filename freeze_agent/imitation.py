@@ -31,6 +31,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from freeze_agent.baselines import LinearPrefix
 from freeze_agent.modes import Mode
+from freeze_agent.observation import action_mask
 from freeze_agent.trajectories import ReferenceTrajectory
 
 
@@ -120,33 +121,32 @@ def collect(
     """
     n_envs, max_units = venv.num_envs, venv.action_space.nvec.shape[0]
     collected = Demonstrations()
+    # the current episode of each env so far: its length is the index of the next decision
     running: list[list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, float]]] = [
         [] for _ in range(n_envs)
     ]
     finished = [0] * n_envs
     observations = venv.reset()
+    references = venv.get_attr("reference")  # fetched again only when an env starts an episode
     while min(finished) < episodes_per_env:
-        masks = np.stack(venv.env_method("action_masks"))
-        references = venv.get_attr("reference")
-        intervals = venv.get_attr("intervals_done")
+        singles = [{key: value[i] for key, value in observations.items()} for i in range(n_envs)]
+        masks = np.stack([action_mask(single).reshape(-1) for single in singles])
         labels = np.full((n_envs, max_units), int(Mode.TRAIN), dtype=np.int64)
-        for i in range(n_envs):
-            n_units = int(observations["mask"][i].sum())
-            labels[i, :n_units] = [
-                int(m) for m in teacher.modes(references[i], intervals[i], n_units)
-            ]
+        for i, single in enumerate(singles):
+            n_units = int(single["mask"].sum())
+            modes = teacher.modes(references[i], len(running[i]), n_units)
+            labels[i, :n_units] = [int(m) for m in modes]
         actions = labels if act is None else act(observations, masks)
-        next_observations, rewards, dones, infos = venv.step(actions)
+        observations, rewards, dones, infos = venv.step(actions)
         for i in range(n_envs):
-            single = {key: value[i] for key, value in observations.items()}
-            running[i].append((single, masks[i], labels[i], float(rewards[i])))
-            if dones[i]:
+            running[i].append((singles[i], masks[i], labels[i], float(rewards[i])))
+            if dones[i]:  # the env has already reset itself for its next episode
                 if finished[i] < episodes_per_env:
                     _append_episode(collected, running[i], gamma)
                     collected.episodes.append(infos[i]["episode_summary"])
                 finished[i] += 1
                 running[i] = []
-        observations = next_observations
+                references[i] = venv.get_attr("reference", indices=[i])[0]
     return collected
 
 
@@ -211,13 +211,9 @@ def clone(
     policy.set_training_mode(False)
     with torch.no_grad():
         values, log_prob, _ = policy.evaluate_actions(observations, actions, masks)
-        chosen, _ = policy.predict(
-            {k: v.cpu().numpy() for k, v in observations.items()},
-            deterministic=True,
-            action_masks=masks.cpu().numpy(),
-        )
-    real = observations["mask"].bool().cpu().numpy()
-    agreement = float((np.asarray(chosen) == actions.cpu().numpy())[real].mean())
+        chosen = policy.get_distribution(observations, masks).get_actions(deterministic=True)
+    real = observations["mask"].bool()
+    agreement = float((chosen == actions)[real].float().mean())
     return {
         "imitation_loss": float(-log_prob.mean()),
         "value_loss": float(torch.nn.functional.mse_loss(values.flatten(), returns)),

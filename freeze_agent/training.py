@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
-import numpy as np
 import torch
 from sb3_contrib import MaskablePPO
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList, CheckpointCallback
@@ -29,9 +28,10 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
 from freeze_agent.artifact import save_policy, update_card
 from freeze_agent.env import FreezeTrainingEnv, resolve_tasks
-from freeze_agent.episodes import evaluate, sb3_actor
+from freeze_agent.episodes import Evaluation, evaluate, sb3_actor
 from freeze_agent.imitation import Demonstrations, PlateauTeacher, agent_actor, clone, collect
 from freeze_agent.learning_curve import (
+    CURVE_FIELDS,
     EPISODES_FILE,
     EpisodeRecorder,
     learning_curve,
@@ -178,7 +178,7 @@ def train(
         model.save(checkpoints / f"ppo_{model.num_timesteps}_steps.zip")
         if validation.evaluated_at != model.num_timesteps:  # the final policy may be the best
             validation.evaluate_and_keep(model)
-        record_training_run(out, read_episodes(episodes), model.num_timesteps, checkpoints)
+        record_training_run(out, read_episodes(episodes), model.num_timesteps)
     finally:
         venv.close()
         validation.close()
@@ -187,9 +187,7 @@ def train(
     return out
 
 
-def record_training_run(
-    out: Path, episodes: list[dict[str, Any]], timesteps: int, checkpoints: Path
-) -> None:
+def record_training_run(out: Path, episodes: list[dict[str, Any]], timesteps: int) -> None:
     """Write the run's learning curve and wall time into the policy card (``training_run``),
     with the kick-start's rounds when there was one."""
     run = {
@@ -198,8 +196,9 @@ def record_training_run(
         "wall_seconds": training_wall_seconds(episodes),
         "learning_curve": learning_curve(episodes),
     }
-    if (checkpoints / KICKSTART_FILE).is_file():
-        run["kickstart"] = json.loads((checkpoints / KICKSTART_FILE).read_text())
+    kickstarted = out / CHECKPOINTS / KICKSTART_FILE
+    if kickstarted.is_file():
+        run["kickstart"] = json.loads(kickstarted.read_text())
     update_card(out, training_run=run)
 
 
@@ -218,10 +217,10 @@ def kickstart(model: MaskablePPO, venv: VecEnv, config: TrainConfig, checkpoints
         rounds.append(
             {
                 "actor": "teacher" if act is None else "agent",
-                "means": _episode_means(played.episodes),
+                "means": {key: Evaluation(played.episodes).mean(key) for key in CURVE_FIELDS},
                 "fit": fit,
                 "episodes": [
-                    {key: e[key] for key in ("task", "seed", *_EPISODE_KEYS)}
+                    {key: e[key] for key in ("task", "seed", *CURVE_FIELDS)}
                     for e in played.episodes
                 ],
                 "seconds": time.monotonic() - started,
@@ -233,13 +232,6 @@ def kickstart(model: MaskablePPO, venv: VecEnv, config: TrainConfig, checkpoints
         json.dumps({"teacher_tolerance": config.teacher_tolerance, "rounds": rounds}, indent=2)
     )
     model.save(checkpoints / "ppo_0_steps.zip")
-
-
-_EPISODE_KEYS = ("return", "modeled_speedup", "accuracy_delta_pp")
-
-
-def _episode_means(episodes: list[dict[str, Any]]) -> dict[str, float]:
-    return {key: float(np.mean([e[key] for e in episodes])) for key in _EPISODE_KEYS}
 
 
 # ---------------------------------------------------------------------- environments
