@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from freeze_agent.tasks import DEFAULT_TASK, list_tasks, load_task
+from freeze_agent.tasks.spec import DEFAULT_TASK, list_tasks, load_task
 
 console = Console()
 _MODE_STYLE = {"T": "green", "L": "yellow", "F": "blue"}
@@ -21,10 +24,6 @@ _MODE_STYLE = {"T": "green", "L": "yellow", "F": "blue"}
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train-predictor"]:  # its own parser owns every option after the name
-        from freeze_agent.predictor import train_predictor_command
-
-        return train_predictor_command(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -80,52 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     overhead.set_defaults(handler=_overhead)
 
     train = commands.add_parser(
-        "train", help="learn a freeze policy with MaskablePPO on training tasks"
+        "train",
+        help="learn a freeze policy with MaskablePPO on training tasks",
+        description="Learn a freeze policy with MaskablePPO. Every setting of "
+        "freeze_agent.rl.training.TrainConfig is an option of the same name.",
     )
-    train.add_argument(
-        "--tasks", nargs="+", default=["envs/train"], help="task names, YAML files or folders"
-    )
-    train.add_argument("--val-tasks", nargs="+", default=["envs/val"])
-    train.add_argument("--timesteps", type=int, default=3000, help="decisions to train on")
-    train.add_argument("--n-envs", type=int, default=2, help="environment processes")
     train.add_argument("--out", type=Path, required=True, help="policy folder to write")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--n-steps", type=int, default=64, help="rollout length per env")
-    train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--learning-rate", type=float, default=3e-4)
-    train.add_argument("--ent-coef", type=float, default=0.0, help="PPO entropy bonus")
-    train.add_argument(
-        "--reward",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="reward settings (freeze_agent.rewards.RewardConfig), e.g. accuracy_weight=1.0",
-    )
-    train.add_argument(
-        "--imitation-rounds",
-        type=int,
-        default=0,
-        help="kick-start: imitate the plateau teacher for this many rounds before PPO "
-        "(round 1 plays the teacher, later rounds the agent: DAgger); 0: PPO from scratch",
-    )
-    train.add_argument(
-        "--imitation-episodes", type=int, default=1, help="episodes per env and round"
-    )
-    train.add_argument(
-        "--teacher-tolerance",
-        type=float,
-        default=0.05,
-        help="the teacher starts freezing once the reference's val loss is within this "
-        "fraction of its improvement from its best",
-    )
-    train.add_argument("--eval-every", type=int, default=1024, help="timesteps; 0: only at end")
-    train.add_argument("--checkpoint-every", type=int, default=256, help="timesteps")
-    train.add_argument(
-        "--no-reference-model",
-        action="store_true",
-        help="no int8 reference worker: plasticity features stay missing (faster)",
-    )
-    train.add_argument("--wandb-project", default="freeze-agent")
+    _add_config_options(train)
     train.add_argument("--no-wandb", action="store_true", help="no Weights & Biases logging")
     train.add_argument(
         "--resume",
@@ -153,11 +113,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.set_defaults(handler=_evaluate)
 
-    commands.add_parser(
+    predictor = commands.add_parser(
         "train-predictor",
-        help="train SmartFRZ's attention predictor on full-training runs (CKA labels); "
-        "see `freeze-agent train-predictor --help`",
+        help="train SmartFRZ's attention predictor on full-training runs (CKA labels)",
+        description="Train SmartFRZ's attention predictor on full-training runs labelled by "
+        "linear CKA with the final model, and score it on held-out tasks.",
     )
+    predictor.add_argument(
+        "--tasks", nargs="+", default=["train"], help="task names, YAML files, folders or splits"
+    )
+    predictor.add_argument(
+        "--val", nargs="*", default=["val"], help="held-out tasks (scored only, never trained on)"
+    )
+    predictor.add_argument("--out", type=Path, default=None, help="default: policies/smartfrz")
+    predictor.add_argument("--seeds", type=int, nargs="+", default=[0])
+    predictor.add_argument("--epochs", type=int, default=None, help="predictor training epochs")
+    predictor.add_argument("--lr", type=float, default=1e-3)
+    predictor.add_argument("--seed", type=int, default=0, help="seed of the predictor's training")
+    predictor.add_argument("--cka-threshold", type=float, default=None)
+    predictor.add_argument("--decisions", type=int, default=None, help="decisions per run")
+    predictor.add_argument("--cache", type=Path, default=None, help="folder of recorded runs")
+    predictor.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    predictor.set_defaults(handler=_train_predictor)
     return parser
 
 
@@ -165,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _envs(_args: argparse.Namespace) -> int:
-    from freeze_agent.trainer import Trainer
+    from freeze_agent.tasks.trainer import Trainer
 
     table = Table(title="training tasks (descriptions in the YAML specs)")
     for column in ("task", "split", "model", "dataset", "units", "epochs"):
@@ -191,8 +168,8 @@ def _envs(_args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from freeze_agent.baselines import make_policy
-    from freeze_agent.trainer import Trainer
+    from freeze_agent.policies.registry import make_policy
+    from freeze_agent.tasks.trainer import Trainer
 
     task = load_task(args.task)
     policy = make_policy(args.policy)
@@ -259,8 +236,8 @@ def _print_run(result) -> None:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from freeze_agent.cost_model import TERMS
-    from freeze_agent.profiling import profile_task
+    from freeze_agent.bench.profiling import profile_task
+    from freeze_agent.core.cost_model import TERMS
 
     task = load_task(args.task)
     with console.status(f"profiling {task.name}"):
@@ -329,7 +306,7 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _overhead(args: argparse.Namespace) -> int:
-    from freeze_agent.profiling import measure_overhead
+    from freeze_agent.bench.overhead import measure_overhead
 
     task = load_task(args.task)
     with console.status(f"measuring the signal overhead on {task.name} (A/B interleaved)"):
@@ -353,63 +330,134 @@ def _overhead(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- train
 
 
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per ``TrainConfig`` field, with its type, default and help."""
+    from freeze_agent.rl.training import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    defaults = TrainConfig()
+    for spec in dataclasses.fields(TrainConfig):
+        if not spec.metadata.get("cli", True):
+            continue
+        flag, default = "--" + spec.name.replace("_", "-"), getattr(defaults, spec.name)
+        kind = hints[spec.name]
+        origin = typing.get_origin(kind)
+        options: dict[str, Any] = {"help": spec.metadata.get("help", ""), "default": default}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif origin is list:
+            options.update(nargs="+", type=typing.get_args(kind)[0])
+        elif origin is dict:
+            options.update(nargs="+", type=_key_value, metavar="KEY=VALUE", default=[])
+        else:
+            scalar = [t for t in typing.get_args(kind) if t is not type(None)] or [kind]
+            options["type"] = scalar[0]
+        if default is not None and not isinstance(default, dict):
+            options["help"] += " (default: %(default)s)"
+        parser.add_argument(flag, **options)
+
+
+def _config_from_args(args: argparse.Namespace):
+    """The ``TrainConfig`` the options of ``_add_config_options`` describe."""
+    from freeze_agent.rl.training import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    settings = {}
+    for spec in dataclasses.fields(TrainConfig):
+        if spec.metadata.get("cli", True):
+            value = getattr(args, spec.name)
+            settings[spec.name] = (
+                dict(value) if typing.get_origin(hints[spec.name]) is dict else value
+            )
+    return TrainConfig(**settings)
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """``accuracy_weight=1.0`` -> ("accuracy_weight", 1.0): the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
 def _train(args: argparse.Namespace) -> int:
-    from freeze_agent.training import TrainConfig, train
+    from freeze_agent.rl.training import TrainConfig, train
 
     if args.resume:
         console.print(f"resuming the run in {args.out} with its saved settings")
         config = TrainConfig()  # replaced by the saved one
     else:
-        config = TrainConfig(
-            tasks=[str(t) for t in args.tasks],
-            val_tasks=[str(t) for t in args.val_tasks],
-            timesteps=args.timesteps,
-            n_envs=args.n_envs,
-            seed=args.seed,
-            n_steps=args.n_steps,
-            batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
-            ent_coef=args.ent_coef,
-            reward=_reward_settings(args.reward),
-            imitation_rounds=args.imitation_rounds,
-            imitation_episodes=args.imitation_episodes,
-            teacher_tolerance=args.teacher_tolerance,
-            eval_every=args.eval_every,
-            checkpoint_every=args.checkpoint_every,
-            reference_model=not args.no_reference_model,
-            wandb_project=args.wandb_project,
-        )
+        config = _config_from_args(args)
     out = train(config, args.out, resume=args.resume, use_wandb=not args.no_wandb)
     console.print(f"policy written to {out}")
     return 0
 
 
-def _reward_settings(pairs: list[str]) -> dict[str, float | str]:
-    """``["accuracy_weight=1", "cost=measured"]`` -> RewardConfig keyword arguments."""
-    from dataclasses import fields
+def _train_predictor(args: argparse.Namespace) -> int:
+    from freeze_agent.rl import predictor_training
+    from freeze_agent.signals.predictor import DEFAULT_DIR
 
-    from freeze_agent.rewards import RewardConfig
+    if args.threads:
+        import torch
 
-    known = [f.name for f in fields(RewardConfig)]
-    settings: dict[str, float | str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or key not in known:
-            raise ValueError(
-                f"--reward {pair!r}: expected KEY=VALUE with KEY one of {', '.join(known)}"
+        torch.set_num_threads(args.threads)
+    options = {
+        name: value
+        for name, value in (
+            ("epochs", args.epochs),
+            ("cka_threshold", args.cka_threshold),
+            ("decisions", args.decisions),
+        )
+        if value is not None
+    }
+    out = args.out or DEFAULT_DIR
+    card = predictor_training.train_predictor(
+        args.tasks,
+        args.val,
+        out,
+        seeds=args.seeds,
+        lr=args.lr,
+        seed=args.seed,
+        cache=args.cache,
+        **options,
+    )
+    _print_predictor_card(card, out)
+    return 0
+
+
+def _print_predictor_card(card: dict[str, Any], out: Path) -> None:
+    table = Table(title=f"SmartFRZ predictor → {out}")
+    for column in ("split", "task", "examples", "converged", "accuracy", "balanced acc."):
+        table.add_column(column, justify="left" if column in ("split", "task") else "right")
+    for split in ("train", "heldout"):
+        metrics = card["metrics"][split]
+        if metrics is None:
+            continue
+        rows = [*metrics["per_task"].items(), ("all", metrics)]
+        for name, m in rows:
+            table.add_row(
+                split if name == "all" else "",
+                f"[bold]{name}[/]" if name == "all" else name,
+                str(m["examples"]),
+                f"{m['positive_fraction']:.1%}",
+                f"{m['accuracy']:.3f}",
+                f"{m['balanced_accuracy']:.3f}",
             )
-        try:
-            settings[key] = value if key == "cost" else float(value)
-        except ValueError:
-            raise ValueError(f"--reward {pair!r}: {value!r} is not a number") from None
-    return settings
+    baseline = card["metrics"]["progress_baseline"]
+    if baseline["heldout"] is not None:
+        table.caption = (
+            f"progress-only baseline (converged from decision {baseline['from_decision']}): "
+            f"held-out accuracy {baseline['heldout']['accuracy']:.3f}, "
+            f"balanced {baseline['heldout']['balanced_accuracy']:.3f}"
+        )
+    console.print(table)
 
 
 # ---------------------------------------------------------------------- evaluate
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from freeze_agent.evaluation import evaluate_policy
+    from freeze_agent.bench.evaluation import evaluate_policy
 
     report = evaluate_policy(
         args.policy, args.tasks, args.seeds, remeasure=args.remeasure, console=console

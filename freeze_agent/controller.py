@@ -15,17 +15,14 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from freeze_agent.cost_model import cost_ratio
-from freeze_agent.local_learning import LocalLearning, WeakSupervision
-from freeze_agent.modes import Mode, effective_modes
-from freeze_agent.observation import ObservationBuilder, Signals
-from freeze_agent.signals import (
-    AttentionScore,
-    DynamicsTracker,
-    PlasticityMonitor,
-    UnitDynamics,
-)
-from freeze_agent.units import ModelInput, Unit, partition
+from freeze_agent.core.cost_model import cost_ratio
+from freeze_agent.core.local_learning import LocalLearning, WeakSupervision
+from freeze_agent.core.modes import Mode, effective_modes
+from freeze_agent.core.units import ModelInput, Unit, partition
+from freeze_agent.signals.attention import AttentionScore
+from freeze_agent.signals.dynamics import DynamicsTracker, UnitDynamics
+from freeze_agent.signals.observation import ObservationBuilder, Signals
+from freeze_agent.signals.plasticity import PlasticityMonitor
 
 
 class FreezeController:

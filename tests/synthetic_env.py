@@ -7,8 +7,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from freeze_agent.modes import Mode
-from freeze_agent.observation import (
+from freeze_agent.core.modes import Mode
+from freeze_agent.signals.observation import (
     GLOBAL_FEATURES,
     UNIT_FEATURES,
     action_mask,

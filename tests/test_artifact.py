@@ -12,19 +12,19 @@ import torch
 from sb3_contrib import MaskablePPO
 from synthetic_env import SyntheticFreezeEnv, random_observation
 
-from freeze_agent.artifact import (
+from freeze_agent.core.modes import Mode
+from freeze_agent.policies.artifact import (
     CARD_FILE,
     MODEL_FILE,
     WEIGHTS_FILE,
-    LearnedPolicy,
     PolicyArtifactError,
     load_card,
     save_policy,
     update_card,
 )
-from freeze_agent.modes import Mode
-from freeze_agent.observation import OBSERVATION_VERSION, UNIT_FEATURES, action_mask
-from freeze_agent.policy_net import UnitAttentionPolicy, deterministic_actions
+from freeze_agent.policies.learned import LearnedPolicy
+from freeze_agent.policies.network import UnitAttentionPolicy, deterministic_actions
+from freeze_agent.signals.observation import OBSERVATION_VERSION, UNIT_FEATURES, action_mask
 
 MAX_UNITS = 8
 METADATA = {"training_tasks": ["synthetic"], "timesteps": 64, "seed": 0}

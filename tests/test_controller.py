@@ -8,8 +8,8 @@ from conftest import conv_chain, train_steps
 from torch import nn
 
 from freeze_agent import FreezeController, Mode, effective_modes, partition
-from freeze_agent.cost_model import cost_ratio, iteration_flops
-from freeze_agent.local_learning import WeakSupervision, hebbian_update
+from freeze_agent.core.cost_model import cost_ratio, iteration_flops
+from freeze_agent.core.local_learning import WeakSupervision, hebbian_update
 
 OPTIMIZERS = {
     "sgd-momentum-wd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.05),

@@ -10,7 +10,8 @@ import torch
 from conftest import conv_chain
 
 from freeze_agent import Mode, partition
-from freeze_agent.cost_model import (
+from freeze_agent.bench.profiling import fit_profile
+from freeze_agent.core.cost_model import (
     DEFAULT_CONSTANTS,
     TERMS,
     CostConstants,
@@ -20,7 +21,6 @@ from freeze_agent.cost_model import (
     iteration_flops,
     iteration_terms,
 )
-from freeze_agent.profiling import fit_profile
 
 T, L, F_ = Mode.TRAIN, Mode.LOCAL, Mode.FROZEN
 # plausible CPU constants: memory-bound bytes, op dispatch, optimizer, cache reads, fixed cost

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from freeze_agent import data
-from freeze_agent.data import DatasetUnavailableError, Split, load_dataset
+from freeze_agent.tasks import data
+from freeze_agent.tasks.data import DatasetUnavailableError, Split, load_dataset
 
 SIZES = {"n_train": 64, "n_val": 32, "n_test": 32}
 

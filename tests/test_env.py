@@ -9,11 +9,14 @@ from gymnasium.utils.env_checker import check_env as gymnasium_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import freeze_agent  # noqa: F401 - registers the env id
-from freeze_agent.env import ENV_ID, FreezeTrainingEnv, resolve_tasks
-from freeze_agent.episodes import play_episode
-from freeze_agent.modes import Mode
-from freeze_agent.rewards import RewardConfig, accuracy_penalty, loss_penalty, saving
-from freeze_agent.trajectories import reference_trajectory
+from freeze_agent.core.modes import Mode
+from freeze_agent.policies.registry import make_policy
+from freeze_agent.policies.schedules import NoFreeze
+from freeze_agent.rl.env import ENV_ID, FreezeTrainingEnv
+from freeze_agent.rl.episodes import play_episode
+from freeze_agent.rl.rewards import RewardConfig, accuracy_penalty, loss_penalty, saving
+from freeze_agent.rl.trajectories import reference_trajectory
+from freeze_agent.tasks.spec import resolve_tasks
 
 # Without the asynchronous reference model and wall-time figures, episodes are reproducible.
 TINY = {
@@ -135,8 +138,17 @@ def test_a_diverging_run_ends_the_episode_with_a_reason(env):
 
 
 def test_play_episode_returns_the_summary(env):
-    summary = play_episode(env, lambda obs, mask: np.zeros(32, dtype=np.int64), seed=2)
+    summary = play_episode(env, NoFreeze(), seed=2)
     assert summary["seed"] == 2 and summary["task"] == "digits-cnn2d"
+    assert set(summary["timeline"][0]) == {"T"}
+
+
+def test_a_privileged_policy_plays_an_episode_with_its_reference_run(env):
+    teacher = make_policy("teacher:0.5")
+    summary = play_episode(env, teacher, seed=2)
+    assert summary["decisions"] == len(env.reference.val_losses)
+    with pytest.raises(ValueError, match="privileged"):
+        teacher.reset()  # without the reference run, as a plain training loop would
 
 
 def test_reward_components_on_a_hand_made_case():

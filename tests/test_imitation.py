@@ -10,14 +10,15 @@ from sb3_contrib import MaskablePPO
 from stable_baselines3.common.vec_env import DummyVecEnv
 from test_training import tiny_config
 
-from freeze_agent.artifact import load_card
-from freeze_agent.env import FreezeTrainingEnv
-from freeze_agent.imitation import Demonstrations, PlateauTeacher, clone
-from freeze_agent.modes import Mode
-from freeze_agent.observation import GLOBAL_FEATURES, UNIT_FEATURES, action_mask
-from freeze_agent.policy_net import UnitAttentionPolicy, deterministic_actions
-from freeze_agent.training import KICKSTART_FILE, latest_checkpoint, train
-from freeze_agent.trajectories import ReferenceTrajectory
+from freeze_agent.core.modes import Mode
+from freeze_agent.policies.artifact import load_card
+from freeze_agent.policies.network import UnitAttentionPolicy, deterministic_actions
+from freeze_agent.policies.teacher import PlateauTeacher
+from freeze_agent.rl.env import FreezeTrainingEnv
+from freeze_agent.rl.imitation import Demonstrations, clone
+from freeze_agent.rl.training import KICKSTART_FILE, latest_checkpoint, train
+from freeze_agent.rl.trajectories import ReferenceTrajectory
+from freeze_agent.signals.observation import GLOBAL_FEATURES, UNIT_FEATURES, action_mask
 
 F, T = Mode.FROZEN, Mode.TRAIN
 
@@ -45,14 +46,26 @@ def trajectory(val_losses: list[float]) -> ReferenceTrajectory:
     )
 
 
+def decisions(teacher: PlateauTeacher, reference: ReferenceTrajectory, n_units: int) -> list:
+    """The teacher's modes at every decision of one run of a model with ``n_units`` units."""
+    teacher.reset(reference)
+    observation = {
+        "units": np.zeros((32, len(UNIT_FEATURES)), dtype=np.float32),
+        "mask": np.array([1] * n_units + [0] * (32 - n_units), dtype=np.int8),
+        "global": np.zeros(len(GLOBAL_FEATURES), dtype=np.float32),
+    }
+    return [teacher.decide(observation) for _ in reference.val_losses]
+
+
 def test_the_teacher_freezes_a_growing_prefix_once_the_reference_has_plateaued():
     # improvement 1.9; interval 3 is within 0.02 / 1.9 of the best: freezing starts at 4/10
     reference = trajectory([2.0, 1.0, 0.5, 0.12, 0.11, 0.1, 0.1, 0.1, 0.1, 0.1])
     teacher = PlateauTeacher(tolerance=0.05)
     assert teacher.freeze_start(reference) == pytest.approx(0.4)
-    assert teacher.modes(reference, 4, 5) == [T] * 5
-    assert teacher.modes(reference, 7, 5) == [F, F, T, T, T]  # (0.7 - 0.4) / 0.6 of 4 units
-    assert teacher.modes(reference, 9, 5) == [F, F, F, F, T]  # the head always trains
+    modes = decisions(teacher, reference, 5)
+    assert modes[4] == [T] * 5
+    assert modes[7] == [F, F, T, T, T]  # (0.7 - 0.4) / 0.6 of 4 units
+    assert modes[9] == [F, F, F, F, T]  # the head always trains
     # a stricter tolerance waits for interval 5, where the loss reaches its best
     assert PlateauTeacher(tolerance=0.001).freeze_start(reference) == pytest.approx(0.6)
 
@@ -61,9 +74,15 @@ def test_the_teacher_never_freezes_a_run_that_is_still_learning_or_never_learned
     teacher = PlateauTeacher()
     still_learning = trajectory([2.0 - 0.1 * i for i in range(10)])
     assert teacher.freeze_start(still_learning) == pytest.approx(1.0)  # best at the last interval
-    assert all(teacher.modes(still_learning, i, 4) == [T] * 4 for i in range(10))
-    flat = trajectory([1.0] * 10)
-    assert all(teacher.modes(flat, i, 4) == [T] * 4 for i in range(10))
+    assert all(m == [T] * 4 for m in decisions(teacher, still_learning, 4))
+    assert all(m == [T] * 4 for m in decisions(teacher, trajectory([1.0] * 10), 4))
+
+
+def test_the_teacher_needs_the_reference_run():
+    with pytest.raises(ValueError, match="privileged"):
+        PlateauTeacher().reset()
+    with pytest.raises(RuntimeError, match="reset"):
+        PlateauTeacher().decide({"mask": np.ones(3, dtype=np.int8)})
 
 
 @pytest.mark.parametrize("tolerance", [0.0, 1.0, -0.1])

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from freeze_agent.learning_curve import (
+from freeze_agent.rl.learning_curve import (
     EpisodeRecorder,
     learning_curve,
     read_episodes,

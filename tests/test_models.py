@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from freeze_agent.models import FAMILIES, build_model, hyper_defaults
+from freeze_agent.tasks.models import FAMILIES, build_model, hyper_defaults
 
 NUM_CLASSES = 5
 VOCAB = 30

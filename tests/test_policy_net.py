@@ -9,9 +9,9 @@ from gymnasium import spaces
 from sb3_contrib import MaskablePPO
 from synthetic_env import SyntheticFreezeEnv, random_observation
 
-from freeze_agent.modes import Mode
-from freeze_agent.observation import action_mask, observation_space
-from freeze_agent.policy_net import UnitAttentionPolicy, deterministic_actions
+from freeze_agent.core.modes import Mode
+from freeze_agent.policies.network import UnitAttentionPolicy, deterministic_actions
+from freeze_agent.signals.observation import action_mask, observation_space
 
 MAX_UNITS = 10
 SMALL = {"embed_dim": 16, "n_heads": 2, "n_layers": 1, "value_dim": 16}

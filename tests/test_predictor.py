@@ -7,19 +7,17 @@ import json
 import pytest
 import torch
 
-from freeze_agent.predictor import (
+from freeze_agent.core.units import partition
+from freeze_agent.rl.predictor_training import collect_examples, linear_cka, train_predictor
+from freeze_agent.signals.predictor import (
     HISTORY,
     SNAPSHOT_SIZE,
     AttentionPredictor,
     WeightHistory,
     WeightSampler,
-    collect_examples,
-    linear_cka,
     load_predictor,
     save_predictor,
-    train_predictor,
 )
-from freeze_agent.units import partition
 
 TINY_TASK = """\
 dataset: {name: digits, n_train: 256, n_val: 64, n_test: 64}
@@ -158,8 +156,9 @@ def test_sampler_handles_unit_without_parameters():
 
 
 def test_command_skips_tasks_without_data(tiny_examples, tmp_path, monkeypatch, capsys):
-    from freeze_agent import predictor
-    from freeze_agent.data import DatasetUnavailableError
+    from freeze_agent.cli import main
+    from freeze_agent.rl import predictor_training as predictor
+    from freeze_agent.tasks.data import DatasetUnavailableError
 
     _, task = tiny_examples
     missing = tmp_path / "missing.yaml"
@@ -173,9 +172,10 @@ def test_command_skips_tasks_without_data(tiny_examples, tmp_path, monkeypatch, 
 
     monkeypatch.setattr(predictor, "collect_examples", collect_or_fail)
     out = tmp_path / "smartfrz"
-    argv = ["--tasks", str(task), str(missing), "--val", str(task), "--out", str(out)]
+    argv = ["train-predictor", "--tasks", str(task), str(missing), "--val", str(task)]
+    argv += ["--out", str(out)]
     argv += ["--epochs", "1", "--decisions", "6", "--cache", str(task.parent / "cache")]
-    assert predictor.train_predictor_command(argv) == 0
+    assert main(argv) == 0
     card = json.loads((out / "card.json").read_text())
     assert [s["task"] for s in card["training"]["skipped"]] == ["missing"]
     assert "skipping missing" in capsys.readouterr().out

@@ -18,8 +18,9 @@ import pytest
 import torch
 from torch import nn
 
-from freeze_agent import reference
-from freeze_agent.reference import (
+from freeze_agent.core.units import partition
+from freeze_agent.signals import reference
+from freeze_agent.signals.reference import (
     ReferenceWorker,
     ReferenceWorkerWarning,
     dequantize_state_dict,
@@ -32,7 +33,6 @@ from freeze_agent.reference import (
     unit_outputs,
     warm_pool,
 )
-from freeze_agent.units import partition
 
 # --------------------------------------------------------------------------- test models
 

@@ -12,14 +12,15 @@ from torch import nn
 
 import freeze_agent
 from freeze_agent import FreezeController, Mode, partition
-from freeze_agent.observation import (
+from freeze_agent.signals.dynamics import DynamicsTracker
+from freeze_agent.signals.observation import (
     GLOBAL_FEATURES,
     UNIT_FEATURES,
     has_plasticity,
     log_scaled,
 )
-from freeze_agent.reference import sp_loss, unit_outputs
-from freeze_agent.signals import DynamicsTracker, one_thread_if
+from freeze_agent.signals.reference import sp_loss, unit_outputs
+from freeze_agent.signals.threads import one_thread_if
 
 
 def test_dynamics_on_a_hand_computed_case():

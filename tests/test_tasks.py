@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from freeze_agent import TaskSpecError, list_tasks, load_task
-from freeze_agent.tasks import DEFAULT_TASK
+from freeze_agent.tasks.spec import DEFAULT_TASK
 
 VALID = """
 description: test task

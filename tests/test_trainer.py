@@ -10,7 +10,7 @@ import torch
 
 from freeze_agent import LinearPrefix, Mode, NoFreeze, Trainer, list_tasks, load_task, make_policy
 from freeze_agent.cli import main
-from freeze_agent.data import DatasetUnavailableError
+from freeze_agent.tasks.data import DatasetUnavailableError
 
 TINY = """
 description: tiny CNN on the 8x8 digits

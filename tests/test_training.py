@@ -8,12 +8,14 @@ import pytest
 import torch
 from conftest import conv_chain, train_steps
 
-from freeze_agent.artifact import LearnedPolicy, load_card
-from freeze_agent.cli import _reward_settings
+from freeze_agent.cli import _config_from_args, _parser
 from freeze_agent.controller import FreezeController
-from freeze_agent.learning_curve import read_episodes
-from freeze_agent.modes import Mode
-from freeze_agent.training import TrainConfig, ValidationCallback, latest_checkpoint, train
+from freeze_agent.core.modes import Mode
+from freeze_agent.policies.artifact import load_card
+from freeze_agent.policies.learned import LearnedPolicy
+from freeze_agent.rl.learning_curve import read_episodes
+from freeze_agent.rl.training import TrainConfig, latest_checkpoint, train
+from freeze_agent.rl.validation import ValidationCallback
 
 
 @pytest.fixture(autouse=True)
@@ -92,15 +94,25 @@ def test_a_new_run_replaces_an_earlier_runs_policy_whatever_its_recorded_return(
     assert load_card(out)["timesteps"] == 8
 
 
-def test_reward_settings_from_the_command_line():
-    assert _reward_settings(["accuracy_weight=1.5", "cost=measured"]) == {
-        "accuracy_weight": 1.5,
-        "cost": "measured",
-    }
-    with pytest.raises(ValueError, match="KEY one of loss_weight"):
-        _reward_settings(["accuracy=1"])
-    with pytest.raises(ValueError, match="not a number"):
-        _reward_settings(["tolerance_pp=half"])
+def _train_config(*options: str) -> TrainConfig:
+    return _config_from_args(_parser().parse_args(["train", "--out", "x", *options]))
+
+
+def test_train_options_are_the_config_fields_with_their_defaults():
+    assert _train_config() == TrainConfig()
+    config = _train_config(
+        "--reward", "accuracy_weight=1.5", "cost=measured", "--n-envs", "4", "--no-reference-model"
+    )
+    assert config.reward == {"accuracy_weight": 1.5, "cost": "measured"}
+    assert config.n_envs == 4 and config.reference_model is False
+    assert _train_config("--tasks", "envs/train", "--epochs", "2").tasks == ["envs/train"]
+
+
+def test_bad_reward_settings_from_the_command_line_say_what_is_wrong():
+    with pytest.raises(ValueError, match="unknown settings accuracy; known: loss_weight"):
+        _train_config("--reward", "accuracy=1")
+    with pytest.raises(ValueError, match="tolerance_pp must be a number"):
+        _train_config("--reward", "tolerance_pp=half")
 
 
 def test_resume_without_a_run_says_what_to_do(tmp_path):

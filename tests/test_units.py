@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from freeze_agent import UnitKind, partition
-from freeze_agent.units import _count_work
+from freeze_agent.core.units import _count_work
 
 
 def whole_model_flops(model: nn.Module, inputs, batch: int) -> float:

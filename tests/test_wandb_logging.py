@@ -12,8 +12,8 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from freeze_agent import wandb_logging as wl
-from freeze_agent.modes import Mode
+from freeze_agent.core.modes import Mode
+from freeze_agent.rl import wandb_logging as wl
 
 UNITS = ["stem", "block0", "block1", "head"]
 

@@ -1,0 +1,109 @@
+"""Per-unit training dynamics, measured from what training computes anyway.
+
+Per unit and per decision interval, with no extra forward or backward pass:
+
+* ``grad_l1``: AutoFreeze's G_l, the L1 norm of the gradient accumulated over the interval's
+  steps, G_l = ‖Σ_steps ∇p‖₁ (one in-place add per parameter per step);
+* ``grad_change``: AutoFreeze's r_l = |G_l(prev) − G_l| / G_l(prev);
+* ``weight_change``: LoCal+SGD's dynamic rule, ‖ΔW‖ / ‖W‖ over the interval;
+* ``grad_to_weight``: the norm of the interval's mean gradient over the weight norm (an
+  effective learning speed, comparable across units of different size).
+
+A unit that received no gradient during the interval (FROZEN or LOCAL) keeps its last values;
+``age`` counts the intervals since they were measured.
+
+Beside them, ``freeze_agent.signals.plasticity`` (Egeria's plasticity against the int8 reference
+model) and ``freeze_agent.signals.attention`` (SmartFRZ's predictor) measure each unit once per
+decision.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from freeze_agent.core.units import Unit
+
+
+@dataclass
+class UnitDynamics:
+    """The latest gradient and weight signals of one unit (NaN until first measured)."""
+
+    grad_l1: float = math.nan
+    grad_change: float = math.nan
+    weight_change: float = math.nan
+    grad_to_weight: float = math.nan
+    age: int = 0  # intervals since these values were measured
+
+
+class DynamicsTracker:
+    """Accumulates gradients after each optimizer step and summarizes them per interval.
+
+    The per-step work is one fused ``_foreach_add`` over all parameters with a gradient; every
+    norm is taken once per interval.
+    """
+
+    def __init__(self, units: Sequence[Unit]) -> None:
+        self.units = list(units)
+        self.params = [[p for p in u.parameters()] for u in self.units]
+        self.dynamics = [UnitDynamics() for _ in self.units]
+        flat = [p for ps in self.params for p in ps]
+        self._flat = flat
+        self._unit_of = [u for u, ps in enumerate(self.params) for _ in ps]
+        self._grad_sum = [torch.zeros_like(p) for p in flat]
+        self._steps_with_grad = [0] * len(self.units)
+        self._start_weights = self._copy_weights()
+
+    def _copy_weights(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self._flat]
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Add this step's gradients to the interval's sums (call after ``optimizer.step``)."""
+        live = [i for i, p in enumerate(self._flat) if p.grad is not None]
+        if not live:
+            return
+        torch._foreach_add_([self._grad_sum[i] for i in live], [self._flat[i].grad for i in live])
+        for u in {self._unit_of[i] for i in live}:
+            self._steps_with_grad[u] += 1
+
+    @torch.no_grad()
+    def end_interval(self) -> list[UnitDynamics]:
+        """Close the interval: update each unit's signals and start a new interval."""
+        offset = 0
+        for u, params in enumerate(self.params):
+            span = range(offset, offset + len(params))
+            offset += len(params)
+            d = self.dynamics[u]
+            steps = self._steps_with_grad[u]
+            if steps == 0:
+                d.age += 1
+                continue
+            weights = [self._flat[i].detach() for i in span]
+            weight_norm = _norm(weights)
+            delta = torch._foreach_sub(weights, [self._start_weights[i] for i in span])
+            grad_l1 = float(sum(self._grad_sum[i].abs().sum() for i in span))
+            previous = d.grad_l1
+            d.grad_change = (
+                abs(previous - grad_l1) / previous
+                if math.isfinite(previous) and previous > 0
+                else math.nan
+            )
+            d.grad_l1 = grad_l1
+            d.weight_change = _norm(delta) / max(weight_norm, 1e-12)
+            grad_sum = [self._grad_sum[i] for i in span]
+            d.grad_to_weight = _norm(grad_sum) / steps / max(weight_norm, 1e-12)
+            d.age = 0
+            self._steps_with_grad[u] = 0
+        torch._foreach_zero_(self._grad_sum)
+        self._start_weights = self._copy_weights()
+        return self.dynamics
+
+
+def _norm(tensors: Sequence[torch.Tensor]) -> float:
+    if not tensors:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(tensors)))))
