@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import conv_chain, train_steps
+from helpers import conv_chain, train_steps
 from torch import nn
 
 from freeze_agent import FreezeController, Mode, effective_modes, partition

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from helpers import tiny_config
 from sb3_contrib import MaskablePPO
 from stable_baselines3.common.vec_env import DummyVecEnv
-from test_training import tiny_config
 
 from freeze_agent.core.modes import Mode
 from freeze_agent.policies.artifact import load_card

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import conv_chain, train_steps
+from helpers import conv_chain, tiny_config, train_steps
 
 from freeze_agent.cli import _config_from_args, _parser
 from freeze_agent.controller import FreezeController
@@ -21,25 +21,6 @@ from freeze_agent.rl.validation import ValidationCallback
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FREEZE_AGENT_CACHE", str(tmp_path / "cache"))
-
-
-def tiny_config(**overrides) -> TrainConfig:
-    settings = {
-        "tasks": ["digits-cnn2d"],
-        "val_tasks": ["digits-cnn2d"],
-        "timesteps": 16,
-        "n_envs": 1,
-        "epochs": 1,
-        "decisions": 2,
-        "reference_model": False,
-        "n_steps": 8,
-        "batch_size": 8,
-        "n_epochs": 2,
-        "checkpoint_every": 8,
-        "eval_every": 0,
-        "wandb_project": None,
-    }
-    return TrainConfig(**{**settings, **overrides})
 
 
 def test_a_few_ppo_updates_write_a_loadable_policy(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ResidualNet, conv_chain
+from helpers import ResidualNet, conv_chain
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from conftest import conv_chain
+from helpers import conv_chain
 
 from freeze_agent import Mode, partition
 from freeze_agent.bench.profiling import fit_profile

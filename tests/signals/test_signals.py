@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import train_steps
+from helpers import train_steps
 from torch import nn
 
 import freeze_agent
