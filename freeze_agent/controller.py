@@ -178,8 +178,8 @@ class FreezeController:
 
     def observe(self) -> dict[str, np.ndarray]:
         """Close the current interval and return the observation a policy decides from (see
-        ``freeze_agent.observation``): gradient and weight dynamics of the interval, plasticity
-        against the latest reference result, the attention score, progress and cost."""
+        ``freeze_agent.signals.observation``): gradient and weight dynamics of the interval,
+        plasticity against the latest reference result, the attention score, progress and cost."""
         if self._interval_loss_count:
             self.interval_losses.append(self._interval_loss_sum / self._interval_loss_count)
             self._interval_loss_sum, self._interval_loss_count = 0.0, 0

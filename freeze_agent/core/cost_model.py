@@ -1,4 +1,4 @@
-"""Modeled cost of one training iteration for any assignment of modes (RESEARCH.md).
+"""Modeled cost of one training iteration for any assignment of modes.
 
 Per unit, with F the forward FLOPs, B_x the backward to the input and B_w the backward to the
 weights:

@@ -1,4 +1,6 @@
-"""LoCal+SGD's localized learning rule (reconstruction, see RESEARCH.md).
+"""LoCal+SGD's localized learning rule (Frontiers in Neuroscience 2022). A reconstruction: the
+paper describes the rule's shape (one forward GEMM, Hebbian, weakly supervised), not its exact
+form.
 
 A LOCAL unit learns during its forward pass: for every conv or linear layer in it,
 

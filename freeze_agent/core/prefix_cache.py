@@ -2,17 +2,12 @@
 
 When units 0..k-1 are FROZEN, unit k-1 is a cut point and the data pipeline is deterministic,
 the activation each training sample produces at that boundary never changes. ``PrefixCache``
-stores it once per sample (``ActivationStore``: in memory up to a budget, in a memmap file beyond
-it) and from then on skips the prefix's forward pass, feeding the stored activation into unit k.
-
-How the prefix is skipped, for any model (not only ``nn.Sequential``): while a cached batch runs,
-the ``forward`` of the prefix units' top modules is replaced. The exit module of unit k-1 returns
-the cached activation; every other prefix module returns a cheap stand-in, its first input when
-that has the shape the module's real output had, else zeros of that shape (so parent-level code
-between prefix modules, such as ``x.flatten(2) + pos``, still runs). That code runs on stand-ins,
-which could change the result for exotic models; so the first time a boundary is used, one batch
-runs both ways (RNG, parameters and buffers restored in between) and the outputs are compared.
-A mismatch or an exception retires that depth for good and the cache falls back to a shallower
+stores it once per sample (``freeze_agent.core.activation_store``: in memory up to a budget, in a
+memmap file beyond it) and from then on skips the prefix's forward pass, feeding the stored
+activation into unit k (``freeze_agent.core.prefix_forward``: the prefix modules' forwards are
+replaced by stand-ins while a cached batch runs). The first time a boundary is used, one batch
+runs both ways and the outputs are compared (``freeze_agent.core.cache_verification``). A
+mismatch or an exception retires that depth for good and the cache falls back to a shallower
 cut point, if any.
 
 Per batch, rows not yet stored at the target boundary get it from a prefix-only pass (a hook
@@ -22,44 +17,23 @@ run), and stored; then the whole batch runs with the prefix skipped. So the firs
 freeze fills the store at about the cost of a normal epoch and later batches are served, even
 when freezing starts mid-epoch (the few rows a trainer's dropped ragged batch never showed are
 filled whenever they do come).
-
-Stores hold activations detached on the CPU (prefetched into pinned memory for CUDA): one
-boundary row per training sample, i.e. the boundary's bytes per sample × the training set size.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import queue
-import shutil
-import tempfile
-import threading
-import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from freeze_agent.core.activation_store import ActivationStore, cpu_index
+from freeze_agent.core.cache_verification import preserved_rng, verify_skip
 from freeze_agent.core.modes import Mode
-from freeze_agent.core.units import ModelInput, Unit, call_model, tensors_in
-
-PREFETCH_BATCHES = 4  # batches the prefetch thread reads ahead of use
-_MISSING = object()
-_WORDS = {
-    torch.int64: np.int64,
-    torch.int32: np.int32,
-    torch.int16: np.int16,
-    torch.uint8: np.uint8,
-}
-# (rtol, atol) of the one-time check that skipping the prefix leaves the output unchanged; loose
-# enough for the float noise of a different batch composition, tight enough to catch real changes.
-_TOLERANCE = {torch.float16: (1e-2, 1e-3), torch.bfloat16: (5e-2, 1e-2)}
-_DEFAULT_TOLERANCE = (1e-4, 1e-5)
+from freeze_agent.core.prefix_forward import PrefixRunner, take_rows
+from freeze_agent.core.units import ModelInput, Unit, call_model
 
 
 @dataclass
@@ -81,286 +55,6 @@ class CacheStats:
     """Why the cache is off (None while filling or serving)."""
 
 
-def _cpu_index(indices: torch.Tensor | Sequence[int]) -> torch.Tensor:
-    """Row indices as a contiguous 1-D int64 CPU tensor (what indexing and keys need)."""
-    return torch.as_tensor(indices).to("cpu", torch.long).reshape(-1).contiguous()
-
-
-def _key(index: torch.Tensor) -> bytes:
-    return index.numpy().tobytes()
-
-
-def _remove(path: Path, folder: Path | None) -> None:
-    """Delete a spill file and, when the store created it, its folder."""
-    path.unlink(missing_ok=True)
-    if folder is not None:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-class _Prefetcher:
-    """A daemon thread that reads ``batches`` in order, at most ``PREFETCH_BATCHES`` ahead."""
-
-    def __init__(
-        self, read: Callable[[torch.Tensor], torch.Tensor | None], batches: list[torch.Tensor]
-    ) -> None:
-        self._positions: dict[bytes, int] = {}
-        for position, batch in enumerate(batches):
-            self._positions.setdefault(_key(batch), position)
-        self._next = 0
-        self._queue: queue.Queue[tuple[int, torch.Tensor | None]] = queue.Queue(PREFETCH_BATCHES)
-        self._stop = threading.Event()
-        self.thread = threading.Thread(
-            target=self._run, args=(read, batches), name="activation-prefetch", daemon=True
-        )
-        self.thread.start()
-
-    def _run(
-        self, read: Callable[[torch.Tensor], torch.Tensor | None], batches: list[torch.Tensor]
-    ) -> None:
-        for position, batch in enumerate(batches):
-            try:
-                data = read(batch)
-            except Exception:  # the consumer then reads directly and sees the error itself
-                data = None
-            while not self._stop.is_set():
-                try:
-                    self._queue.put((position, data), timeout=0.05)
-                    break
-                except queue.Full:
-                    continue
-            if self._stop.is_set():
-                return
-
-    def take(self, index: torch.Tensor) -> torch.Tensor | None:
-        """The prefetched rows of batch ``index`` if it is a batch still ahead in the order
-        (earlier batches in the queue are skipped), else None."""
-        position = self._positions.get(_key(index))
-        if position is None or position < self._next:
-            return None
-        self._next = position + 1
-        while True:
-            try:
-                found, data = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                if not self.thread.is_alive():
-                    return None
-                continue
-            if found == position:
-                return data
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.thread.join()
-
-
-class ActivationStore:
-    """Per-sample activations of one boundary for a dataset of ``num_samples`` rows.
-
-    Rows are kept in memory up to ``memory_budget_bytes`` (the lowest sample indices) and spilled
-    beyond it to a ``np.memmap`` file in ``spill_dir`` (a temporary folder by default, removed on
-    close). The per-sample shape and dtype are fixed by the first ``store()``; rows are kept as raw
-    words, so any dtype (bfloat16 included) works. A stored row is never rewritten, which lets the
-    prefetch thread read while the main thread fills other rows.
-
-    ``pin_memory`` makes prefetched batches page-locked, for asynchronous copies to a GPU.
-    """
-
-    def __init__(
-        self,
-        num_samples: int,
-        memory_budget_bytes: int,
-        spill_dir: Path | None = None,
-        *,
-        pin_memory: bool = False,
-    ) -> None:
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-        if memory_budget_bytes < 0:
-            raise ValueError(f"memory_budget_bytes must be >= 0, got {memory_budget_bytes}")
-        self.num_samples = num_samples
-        self.memory_budget_bytes = memory_budget_bytes
-        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
-        self.pin_memory = pin_memory
-        self.prefetched = 0
-        """Fetches answered from the prefetch queue (the rest read directly)."""
-        self._stored = torch.zeros(num_samples, dtype=torch.bool)
-        self._count = 0
-        self._shape: torch.Size | None = None
-        self._dtype: torch.dtype | None = None
-        self._row_bytes = 0
-        self._memory_rows = 0
-        self._word = torch.uint8  # rows are moved as words of this type (see _allocate)
-        self._memory = torch.empty(0, 0, dtype=torch.uint8)  # (memory rows, words per row)
-        self._disk: np.memmap | None = None  # (num_samples - memory rows, row bytes)
-        self._cleanup: weakref.finalize | None = None
-        self._prefetcher: _Prefetcher | None = None
-        self._closed = False
-
-    # ------------------------------------------------------------------ writing
-
-    def store(self, indices: torch.Tensor, activations: torch.Tensor) -> None:
-        """Store ``activations[i]`` as the row of sample ``indices[i]`` (detached, off the device).
-
-        Rows already stored are left as they are. Raises ValueError when the per-sample shape or
-        dtype differs from the first stored batch.
-        """
-        if self._closed:
-            raise RuntimeError("the activation store is closed")
-        index = _cpu_index(indices)
-        activations = activations.detach()
-        if activations.dim() == 0 or activations.shape[0] != index.numel():
-            raise ValueError(
-                f"got {index.numel()} indices for activations of shape {tuple(activations.shape)}"
-            )
-        if self._shape is None:
-            self._allocate(activations.shape[1:], activations.dtype)
-        elif activations.shape[1:] != self._shape or activations.dtype != self._dtype:
-            raise ValueError(
-                f"per-sample activation {tuple(activations.shape[1:])} {activations.dtype} differs "
-                f"from the stored {tuple(self._shape)} {self._dtype}"
-            )
-        new = ~self._stored[index]
-        if not bool(new.any()):
-            return
-        index = index[new]
-        rows = activations[new.to(activations.device)].to("cpu").reshape(index.numel(), -1)
-        raw = rows.contiguous().view(self._word)
-        in_memory, on_disk = self._split(index)
-        if in_memory.numel():
-            self._memory.index_copy_(0, index[in_memory], raw[in_memory])
-        if on_disk.numel():
-            assert self._disk is not None
-            self._disk[(index[on_disk] - self._memory_rows).numpy()] = raw[on_disk].numpy()
-        self._stored[index] = True  # after the data: the prefetch thread trusts this flag
-        self._count += int(torch.unique(index).numel())
-
-    def _allocate(self, shape: torch.Size, dtype: torch.dtype) -> None:
-        numel = shape.numel()
-        if numel == 0:
-            raise ValueError(f"cannot store empty per-sample activations of shape {tuple(shape)}")
-        self._shape, self._dtype = shape, dtype
-        self._row_bytes = numel * dtype.itemsize
-        # Rows move as the widest word dividing them: byte-wise row copies are ~10x slower.
-        self._word = next(w for w in _WORDS if self._row_bytes % w.itemsize == 0)
-        words = self._row_bytes // self._word.itemsize
-        self._memory_rows = min(self.num_samples, self.memory_budget_bytes // self._row_bytes)
-        self._memory = torch.empty(self._memory_rows, words, dtype=self._word)
-        disk_rows = self.num_samples - self._memory_rows
-        if disk_rows == 0:
-            return
-        own_folder = None
-        if self.spill_dir is None:
-            own_folder = Path(tempfile.mkdtemp(prefix="freeze-agent-cache-"))
-            folder = own_folder
-        else:
-            folder = self.spill_dir
-            folder.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(prefix="activations-", suffix=".bin", dir=folder)
-        os.close(handle)
-        self._cleanup = weakref.finalize(self, _remove, Path(name), own_folder)
-        np_word = _WORDS[self._word]
-        self._disk = np.memmap(name, dtype=np_word, mode="w+", shape=(disk_rows, words))
-
-    # ------------------------------------------------------------------ reading
-
-    def stored(self, indices: torch.Tensor) -> torch.Tensor:
-        """Which samples of ``indices`` are stored (a bool CPU tensor)."""
-        return self._stored[_cpu_index(indices)]
-
-    def contains(self, indices: torch.Tensor) -> bool:
-        """Whether every sample of ``indices`` is stored."""
-        return bool(self.stored(indices).all())
-
-    @property
-    def complete(self) -> bool:
-        """Every sample is stored."""
-        return self._count == self.num_samples
-
-    @property
-    def num_stored(self) -> int:
-        return self._count
-
-    @property
-    def bytes_in_memory(self) -> int:
-        return int(self._stored[: self._memory_rows].sum()) * self._row_bytes
-
-    @property
-    def bytes_on_disk(self) -> int:
-        return self._count * self._row_bytes - self.bytes_in_memory
-
-    def fetch(self, indices: torch.Tensor) -> torch.Tensor:
-        """The stored rows of ``indices`` as one CPU tensor (the next expected batch of a
-        prefetch comes from its queue). Raises KeyError if a sample is not stored."""
-        index = _cpu_index(indices)
-        if self._prefetcher is not None:
-            data = self._prefetcher.take(index)
-            if data is not None:
-                self.prefetched += 1
-                return data
-        return self._read(index)
-
-    def _split(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions in ``index`` of the rows kept in memory and of those on disk. (Rows move
-        with ``index_select``/``index_copy_``: advanced indexing is many times slower.)"""
-        in_memory = index < self._memory_rows
-        return in_memory.nonzero().squeeze(1), (~in_memory).nonzero().squeeze(1)
-
-    def _read(self, index: torch.Tensor) -> torch.Tensor:
-        if self._closed:
-            raise RuntimeError("the activation store is closed")
-        if not self.contains(index):
-            missing = int((~self._stored[index]).sum())
-            raise KeyError(f"{missing} of the {index.numel()} requested samples are not stored")
-        assert self._shape is not None and self._dtype is not None
-        in_memory, on_disk = self._split(index)
-        if not on_disk.numel():
-            raw = self._memory.index_select(0, index)
-        else:
-            assert self._disk is not None
-            raw = torch.empty(index.numel(), self._memory.shape[1], dtype=self._word)
-            raw.index_copy_(0, in_memory, self._memory.index_select(0, index[in_memory]))
-            rows = (index[on_disk] - self._memory_rows).numpy()
-            raw.index_copy_(0, on_disk, torch.from_numpy(np.asarray(self._disk[rows])))
-        return raw.view(self._dtype).reshape(index.numel(), *self._shape)
-
-    def _read_ahead(self, index: torch.Tensor) -> torch.Tensor | None:
-        """The prefetch thread's read: None for a batch not (yet) fully stored."""
-        if not self.contains(index):
-            return None
-        data = self._read(index)
-        return data.pin_memory() if self.pin_memory else data
-
-    # ------------------------------------------------------------------ prefetch
-
-    def prefetch(self, order: torch.Tensor, batch_size: int) -> None:
-        """Read the batches of ``order`` (consecutive chunks of ``batch_size``) in a background
-        thread ahead of use; ``fetch`` of one of them takes it from the queue. Replaces any
-        running prefetch."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.stop_prefetch()
-        if self._closed:
-            raise RuntimeError("the activation store is closed")
-        batches = list(_cpu_index(order).split(batch_size))
-        if batches:
-            self._prefetcher = _Prefetcher(self._read_ahead, batches)
-
-    def stop_prefetch(self) -> None:
-        """Stop the prefetch thread (if any) and wait for it to end."""
-        if self._prefetcher is not None:
-            self._prefetcher.stop()
-            self._prefetcher = None
-
-    def close(self) -> None:
-        """Stop prefetching, free the memory and delete the spill file (idempotent)."""
-        self.stop_prefetch()
-        self._closed = True
-        self._memory = torch.empty(0, 0, dtype=torch.uint8)
-        self._disk = None
-        if self._cleanup is not None:
-            self._cleanup()
-
-
 @dataclass(eq=False)
 class _Level:
     """One cached boundary: the output of unit ``depth - 1`` for every stored sample."""
@@ -375,7 +69,7 @@ class PrefixCache:
 
     Args:
         model: the model being trained; ``forward`` calls it as ``call_model`` does.
-        units: its partition (``freeze_agent.units.partition``).
+        units: its partition (``freeze_agent.core.units.partition``).
         num_samples: rows of the training set; ``forward`` gets row indices into it.
         deterministic_data: whether a row always yields the same input (no random
             augmentation); without it a stored activation would be stale, so the cache stays off.
@@ -418,8 +112,7 @@ class PrefixCache:
         self._failed: dict[int, str] = {}
         self._reason_off: str | None = None
         self._modes: list[Mode] = [Mode.TRAIN] * len(self.units)
-        self._out_meta: dict[nn.Module, tuple[torch.Size, torch.dtype] | None] = {}
-        self._zeros: dict[tuple[nn.Module, int], torch.Tensor] = {}
+        self._runner = PrefixRunner(model, self.units)
         self._order: torch.Tensor | None = None
         self._batch_size = 0
         self._position = 0
@@ -496,7 +189,7 @@ class PrefixCache:
     def begin_epoch(self, order: torch.Tensor, batch_size: int) -> None:
         """The epoch will visit the rows of ``order`` in batches of ``batch_size``; read the
         stored activations ahead in that order."""
-        self._order = _cpu_index(order)
+        self._order = cpu_index(order)
         self._batch_size = batch_size
         self._position = 0
         self._restart_prefetch()
@@ -533,7 +226,7 @@ class PrefixCache:
         self.last_batch = (0, 0.0)
         if target is None:
             return call_model(self.model, inputs)
-        index = _cpu_index(indices)
+        index = cpu_index(indices)
         missing = ~target.store.stored(index)
         computed = None
         if bool(missing.any()):
@@ -543,12 +236,12 @@ class PrefixCache:
                 return self.forward(inputs, indices)
         cached = self._boundary(target, index, missing, computed)
         if target.verified:
-            output = self._run(inputs, index, target.depth, cached)
+            output = self._runner.run_skipping(inputs, target.depth, cached, self._device())
             self.misses += int(missing.sum())
             self.hits += index.numel() - int(missing.sum())
             self.last_batch = (target.depth, 1.0 - int(missing.sum()) / index.numel())
         else:
-            output = self._verify(inputs, index, target, cached)
+            output = self._verify(inputs, target, cached)
             self.misses += index.numel()
         if self._base is not None and self._target is target and target.store.complete:
             self._base.store.close()
@@ -566,19 +259,23 @@ class PrefixCache:
             rows, sub_index = inputs, index
         else:
             positions = missing.nonzero().squeeze(1)
-            rows, sub_index = _take_rows(inputs, positions, index.numel()), index[positions]
+            rows, sub_index = take_rows(inputs, positions, index.numel()), index[positions]
         base = self._base
         if base is None or not base.verified or not base.store.contains(sub_index):
             base = None
         unit = target.depth - 1
-        rng = _rng_state(device)
-        try:
-            with torch.no_grad():
-                output = self._prefix_only(rows, sub_index, base, target.depth)
-        except Exception as error:  # the model's own errors resurface in the plain forward
-            output = f"the prefix could not be run on its own: {type(error).__name__}: {error}"
-        finally:
-            _set_rng_state(rng, device)
+        with preserved_rng(device):
+            try:
+                with torch.no_grad():
+                    if base is None:
+                        output = self._runner.run_to_boundary(rows, target.depth, device)
+                    else:
+                        cached = base.store.fetch(sub_index).to(device, non_blocking=True)
+                        output = self._runner.run_to_boundary(
+                            rows, target.depth, device, start=base.depth, cached=cached
+                        )
+            except Exception as error:  # the model's own errors resurface in the plain forward
+                output = f"the prefix could not be run on its own: {type(error).__name__}: {error}"
         if isinstance(output, torch.Tensor):
             if output.dim() == 0 or output.shape[0] != sub_index.numel():
                 output = f"unit {unit}'s output has no batch dimension first"
@@ -592,40 +289,6 @@ class PrefixCache:
             output = f"unit {unit}'s output is a {type(output).__name__}, not a single tensor"
         self._fail(target.depth, output)
         return None
-
-    def _prefix_only(
-        self, inputs: ModelInput, index: torch.Tensor, base: _Level | None, depth: int
-    ) -> Any:
-        """The output of unit ``depth - 1`` for ``inputs``: the forward stops right after it
-        (nothing beyond the cut runs), skipping the units before ``base``'s boundary if given.
-        Also records each prefix module's output shape, for the stand-ins."""
-        start = 0 if base is None else base.depth
-        handles = [
-            m.register_forward_hook(self._record_shape)
-            for unit in self.units[start:depth]
-            for m in unit.modules
-            if m not in self._out_meta
-        ]
-        handles.append(self.units[depth - 1].exit_module.register_forward_hook(_stop_forward))
-        cached = None
-        if base is not None:
-            cached = base.store.fetch(index).to(self._device(), non_blocking=True)
-        try:
-            with self._skipping(start, cached, index.numel()):
-                call_model(self.model, inputs)
-        except _BoundaryReached as reached:
-            return reached.output
-        finally:
-            for handle in handles:
-                handle.remove()
-        return f"unit {depth - 1}'s exit module did not run"
-
-    def _record_shape(self, module: nn.Module, args: tuple, output: Any) -> None:
-        """Remember a prefix module's per-sample output shape (None: not a batch tensor)."""
-        batch = next((a.shape[0] for a in args if isinstance(a, torch.Tensor) and a.dim()), None)
-        ok = isinstance(output, torch.Tensor) and output.dim() > 0
-        ok = ok and (batch is None or output.shape[0] == batch)
-        self._out_meta.setdefault(module, (output.shape[1:], output.dtype) if ok else None)
 
     def _boundary(
         self,
@@ -648,80 +311,16 @@ class PrefixCache:
         boundary[~on_device] = stored
         return boundary
 
-    def _run(
-        self, inputs: ModelInput, index: torch.Tensor, depth: int, cached: torch.Tensor
-    ) -> Any:
-        """The model's output with units 0..depth-1 skipped and ``cached`` as their output."""
-        with self._skipping(depth, cached, index.numel()):
-            return call_model(self.model, inputs)
-
-    @contextlib.contextmanager
-    def _skipping(self, depth: int, cached: torch.Tensor | None, batch: int) -> Iterator[None]:
-        """Replace the forwards of units 0..depth-1's top modules with stand-ins, the exit
-        module of unit depth-1 returning ``cached`` (depth 0: nothing is replaced)."""
-        if depth == 0:
-            yield
-            return
+    def _verify(self, inputs: ModelInput, level: _Level, cached: torch.Tensor) -> Any:
+        """Run the batch skipping the prefix and normally, compare the two (``verify_skip``) and
+        return the normal output; a difference retires the level's depth."""
         device = self._device()
-        exit_module = self.units[depth - 1].exit_module
-        modules = [m for unit in self.units[:depth] for m in unit.modules]
-        saved = [(m, m.__dict__.get("forward", _MISSING)) for m in modules]
-        try:
-            for m in modules:
-                if m is exit_module:
-                    m.forward = lambda *_args, **_kwargs: cached
-                else:
-                    m.forward = self._stand_in(m, batch, device)
-            yield
-        finally:
-            for m, forward in saved:
-                if forward is _MISSING:
-                    del m.forward
-                else:
-                    m.forward = forward
-
-    def _stand_in(self, module: nn.Module, batch: int, device: torch.device) -> Callable[..., Any]:
-        """A forward for a skipped prefix module whose output is unused beyond the cut: its
-        first input if that is shaped like the real output was, else zeros of that shape (one
-        buffer per module and batch size, reused: allocating it every step costs more than the
-        rest of a small skip)."""
-        meta = self._out_meta.get(module)
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            first = args[0] if args else next(iter(kwargs.values()), None)
-            if meta is None:
-                return first
-            shape, dtype = (batch, *meta[0]), meta[1]
-            if isinstance(first, torch.Tensor) and (first.dtype, first.shape) == (dtype, shape):
-                return first
-            zeros = self._zeros.get((module, batch))
-            if zeros is None or zeros.device != device:
-                zeros = self._zeros[module, batch] = torch.zeros(shape, dtype=dtype, device=device)
-            return zeros
-
-        return forward
-
-    def _verify(
-        self, inputs: ModelInput, index: torch.Tensor, level: _Level, cached: torch.Tensor
-    ) -> Any:
-        """Run the batch skipping the prefix (without gradients), put back the RNG, parameters
-        and buffers it changed, then run it normally (this output is returned, so nothing
-        touches its autograd graph afterwards) and compare the two."""
-        device = self._device()
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        before = [t.detach().clone() for t in tensors]
-        rng = _rng_state(device)
-        skipped, problem = None, None
-        try:
-            with torch.no_grad():
-                skipped = self._run(inputs, index, level.depth, cached)
-        except Exception as error:  # a model the stand-ins break: say so and stop skipping it
-            problem = f"{type(error).__name__}: {error}"
-        finally:
-            _assign(tensors, before)  # norm statistics, local-rule weights
-            _set_rng_state(rng, device)
-        output = call_model(self.model, inputs)
-        problem = problem or _mismatch(output, skipped)
+        output, problem = verify_skip(
+            self.model,
+            inputs,
+            lambda: self._runner.run_skipping(inputs, level.depth, cached, device),
+            device,
+        )
         if problem is None:
             level.verified = True
         else:
@@ -753,73 +352,5 @@ class PrefixCache:
         for level in self._levels():
             level.store.close()
         self._target = self._base = None
-        self._zeros.clear()
+        self._runner.release()
         self._reason_off = "closed"
-
-
-# ---------------------------------------------------------------------- helpers
-
-
-class _BoundaryReached(BaseException):
-    """Raised by a hook right after the boundary module to end a prefix-only forward (a
-    BaseException, so that a model's own ``except Exception`` does not swallow it)."""
-
-    def __init__(self, output: Any) -> None:
-        super().__init__()
-        self.output = output
-
-
-def _stop_forward(_module: nn.Module, _args: Any, output: Any) -> None:
-    raise _BoundaryReached(output)
-
-
-def _take_rows(value: Any, positions: torch.Tensor, batch: int) -> Any:
-    """``value`` (a model input) with only the rows ``positions`` of every batch tensor."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() and value.shape[0] == batch:
-            return value[positions.to(value.device)]
-        return value
-    if isinstance(value, Mapping):
-        return {k: _take_rows(v, positions, batch) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_take_rows(v, positions, batch) for v in value)
-    return value
-
-
-def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
-def _assign(tensors: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
-    """Copy ``values`` into ``tensors`` where they differ (untouched tensors keep their version)."""
-    with torch.no_grad():
-        for tensor, value in zip(tensors, values, strict=True):
-            if not torch.equal(tensor, value):
-                tensor.copy_(value)
-
-
-def _mismatch(expected: Any, got: Any) -> str | None:
-    """How ``got`` differs from ``expected`` (every tensor in them), or None if it does not."""
-    want, have = list(tensors_in(expected)), list(tensors_in(got))
-    if len(want) != len(have):
-        return f"the output holds {len(have)} tensors instead of {len(want)}"
-    for a, b in zip(want, have, strict=True):
-        a = a.detach()
-        if a.shape != b.shape or a.dtype != b.dtype:
-            return f"an output is {tuple(b.shape)} {b.dtype} instead of {tuple(a.shape)} {a.dtype}"
-        if not a.is_floating_point():
-            if not torch.equal(a, b):
-                return "an integer output changed"
-            continue
-        rtol, atol = _TOLERANCE.get(a.dtype, _DEFAULT_TOLERANCE)
-        if not torch.allclose(a, b, rtol=rtol, atol=atol, equal_nan=True):
-            diff = float((a.float() - b.float()).abs().nan_to_num(float("inf")).max())
-            return f"the output changed (largest difference {diff:.3g})"
-    return None

@@ -94,7 +94,7 @@ def load_card(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise PolicyArtifactError(
             f"{path} not found: {directory} is not a policy artifact; save one with "
-            "freeze_agent.artifact.save_policy"
+            "freeze_agent.policies.artifact.save_policy"
         )
     try:
         return json.loads(path.read_text())

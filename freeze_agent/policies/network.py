@@ -175,20 +175,21 @@ INITIAL_MODE_PROBABILITIES = (0.8, 0.05, 0.15)
 class UnitAttentionPolicy(MaskableActorCriticPolicy):
     """MaskablePPO actor-critic over unit slots (see the module docstring).
 
-    :param observation_space: ``observation.observation_space(max_units)``
-    :param action_space: ``MultiDiscrete([len(Mode)] * max_units)``
-    :param lr_schedule: learning rate schedule (constant or not)
-    :param embed_dim: size of each unit's embedding (even, divisible by ``n_heads``)
-    :param n_heads: attention heads per layer
-    :param n_layers: self-attention layers
-    :param value_dim: hidden size of the value head
-    :param ortho_init: SB3's orthogonal initialization of the MLPs and heads (the attention
-        layers keep PyTorch's initialization)
-    :param initial_mode_probabilities: the untrained policy's probability of TRAIN, LOCAL and
-        FROZEN for every unit, set as the action head's bias (with ``ortho_init`` its weights
-        start near zero, so the bias decides). Only the initialization uses it.
-    :param optimizer_class: the optimizer to use
-    :param optimizer_kwargs: its keyword arguments, excluding the learning rate
+    Args:
+        observation_space: ``observation.observation_space(max_units)``
+        action_space: ``MultiDiscrete([len(Mode)] * max_units)``
+        lr_schedule: learning rate schedule (constant or not)
+        embed_dim: size of each unit's embedding (even, divisible by ``n_heads``)
+        n_heads: attention heads per layer
+        n_layers: self-attention layers
+        value_dim: hidden size of the value head
+        ortho_init: SB3's orthogonal initialization of the MLPs and heads (the attention
+            layers keep PyTorch's initialization)
+        initial_mode_probabilities: the untrained policy's probability of TRAIN, LOCAL and
+            FROZEN for every unit, set as the action head's bias (with ``ortho_init`` its weights
+            start near zero, so the bias decides). Only the initialization uses it.
+        optimizer_class: the optimizer to use
+        optimizer_kwargs: its keyword arguments, excluding the learning rate
     """
 
     def __init__(
@@ -287,7 +288,7 @@ def _check_spaces(observation_space: spaces.Space, action_space: spaces.Space) -
         and {"units", "mask", "global"} <= set(observation_space.spaces)
     ):
         raise ValueError(
-            "UnitAttentionPolicy needs the Dict space of freeze_agent.observation."
+            "UnitAttentionPolicy needs the Dict space of freeze_agent.signals.observation."
             f"observation_space(max_units), got {observation_space}"
         )
     max_units = observation_space["units"].shape[0]

@@ -2,10 +2,10 @@
 
 An episode is one training run of a task, from initialization to the end of its budget. Each
 step, the agent sets the mode of every unit (TRAIN / LOCAL / FROZEN), the trainer runs one
-decision interval, and the agent observes the signals of ``freeze_agent.observation``. The
-reward (``freeze_agent.rewards``) is the compute the interval saved minus the validation loss it
-cost against the same-seed all-TRAIN reference (``freeze_agent.trajectories``); the last step also
-pays for final accuracy lost beyond a tolerance.
+decision interval, and the agent observes the signals of ``freeze_agent.signals.observation``.
+The reward (``freeze_agent.rl.rewards``) is the compute the interval saved minus the validation
+loss it cost against the same-seed all-TRAIN reference (``freeze_agent.rl.trajectories``); the
+last step also pays for final accuracy lost beyond a tolerance.
 
 Registered as ``freeze_agent/FreezeTraining-v0``::
 

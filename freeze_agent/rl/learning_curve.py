@@ -29,9 +29,10 @@ class EpisodeRecorder(BaseCallback):
     """Append each finished episode's summary (see ``FreezeTrainingEnv``) to ``path`` as one
     JSON line, with ``timesteps`` (decisions taken so far) and ``time`` (Unix seconds).
 
-    :param path: the JSONL file
-    :param resumed_at: the timestep of the checkpoint a resumed run starts from; lines recorded
-        after it are dropped. None for a new run, which starts the file afresh.
+    Args:
+        path: the JSONL file
+        resumed_at: the timestep of the checkpoint a resumed run starts from; lines recorded
+            after it are dropped. None for a new run, which starts the file afresh.
     """
 
     def __init__(self, path: str | Path, *, resumed_at: int | None = None) -> None:

@@ -2,18 +2,18 @@
 
 Three pieces, all safe to use when logging is off (``run is None``):
 
-* :func:`start_run` opens a run. With no credentials it runs *offline*: everything lands in a
+* ``start_run`` opens a run. With no credentials it runs *offline*: everything lands in a
   local folder that ``wandb sync`` uploads later, so training never needs the network.
-* :class:`WandbOutputFormat` is a stable-baselines3 logger output: every record SB3 dumps
+* ``WandbOutputFormat`` is a stable-baselines3 logger output: every record SB3 dumps
   (``train/loss``, ``train/entropy_loss``, ``train/explained_variance``, ``rollout/ep_rew_mean``,
   ``time/fps``...) goes to the run.
-* :class:`EpisodeLogger` is an SB3 callback: for each finished episode (an env info carrying
+* ``EpisodeLogger`` is an SB3 callback: for each finished episode (an env info carrying
   ``"episode_summary"``) it logs the scalars and, every ``media_every`` episodes, the per-unit
-  mode timeline as an image (:func:`plot_timeline`) and as a table. It also attaches a
-  :class:`WandbOutputFormat` to the logger of the ``learn`` call it serves.
+  mode timeline as an image (``plot_timeline``) and as a table. It also attaches a
+  ``WandbOutputFormat`` to the logger of the ``learn`` call it serves.
 
 The x axis. Both writers log a ``global_step`` field (the PPO ``num_timesteps``, i.e. decisions
-taken so far) and :func:`start_run` declares it the step metric of every other metric. Nothing
+taken so far) and ``start_run`` declares it the step metric of every other metric. Nothing
 passes wandb's own ``step=``: that counter must only grow, and SB3 dumps at
 ``num_timesteps = N`` after the episodes of that rollout were logged, a resumed run restarts
 the process, and a caller may log in between; each would silently drop rows. With an explicit
@@ -134,10 +134,10 @@ def start_run(
     """Open a wandb run for policy training, or return None when logging is off.
 
     Logging is off when ``enabled`` is False (``--no-wandb``) or the mode resolves to
-    ``disabled``. The mode comes from :func:`resolve_mode`. Run files go to
+    ``disabled``. The mode comes from ``resolve_mode``. Run files go to
     ``<directory>/wandb/`` (``directory`` defaults to ``$WANDB_DIR``, else ``runs/wandb``).
 
-    Pass a previous run's id (``run.id``, kept with :func:`save_run_id`) as ``resume_id`` to go
+    Pass a previous run's id (``run.id``, kept with ``save_run_id``) as ``resume_id`` to go
     on logging into the same run: online, wandb appends to it; offline, the new session gets
     its own folder with the same id, and ``wandb sync`` uploads the folders of one id in order.
 
@@ -192,7 +192,7 @@ def save_run_id(run: Run | None, folder: str | Path) -> Path | None:
 
 
 def load_run_id(folder: str | Path) -> str | None:
-    """The run id :func:`save_run_id` wrote in ``folder``, or None if there is none."""
+    """The run id ``save_run_id`` wrote in ``folder``, or None if there is none."""
     path = Path(folder) / RUN_ID_FILE
     if not path.is_file():
         return None
@@ -263,7 +263,7 @@ def attach_to(model: BaseAlgorithm, run: Run | None) -> None:
     SB3 builds a fresh logger in each ``learn`` unless one was set with ``set_logger``; so the
     model's logger (or, before the first ``learn``, the one SB3 would have built from its
     ``verbose`` and ``tensorboard_log``) is set as the model's own, with the wandb output
-    added. Idempotent. :class:`EpisodeLogger` does the same for its ``learn`` call, so a caller
+    added. Idempotent. ``EpisodeLogger`` does the same for its ``learn`` call, so a caller
     using it needs this only to log PPO statistics without episodes.
     """
     if run is None:
@@ -406,7 +406,7 @@ class EpisodeLogger(BaseCallback):
     panel shows how that task's schedule evolves. Media is the bulk of a run's size: an image
     is some tens of kB and each table is stored as a small artifact.
 
-    ``forward_sb3_logs`` also attaches a :class:`WandbOutputFormat` to the logger of the
+    ``forward_sb3_logs`` also attaches a ``WandbOutputFormat`` to the logger of the
     ``learn`` call this callback serves. With ``run=None`` nothing is logged.
     """
 

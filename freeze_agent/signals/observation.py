@@ -27,7 +27,7 @@ from gymnasium import spaces
 from freeze_agent.core.modes import Mode
 from freeze_agent.core.units import UNIT_KINDS, Unit
 from freeze_agent.signals.dynamics import UnitDynamics
-from freeze_agent.signals.reference import slope
+from freeze_agent.signals.similarity import slope
 
 OBSERVATION_VERSION = "1.0"
 

@@ -8,16 +8,10 @@ from collections.abc import Sequence
 import torch
 
 from freeze_agent.core.units import Unit, batch_size_of
-from freeze_agent.signals.reference import (
-    ReferenceOutputs,
-    ReferenceWorker,
-    exit_module_paths,
-    gram_distance,
-    normalized_gram,
-    slope,
-    unit_outputs,
-)
+from freeze_agent.signals.reference import ReferenceOutputs, ReferenceWorker
+from freeze_agent.signals.similarity import gram_distance, normalized_gram, slope
 from freeze_agent.signals.threads import SMALL_WORK_FLOPS, one_thread_if
+from freeze_agent.signals.unit_outputs import exit_module_paths, unit_outputs
 
 
 class PlasticityMonitor:
@@ -25,16 +19,16 @@ class PlasticityMonitor:
     the int8 reference model's, as the similarity-preserving (SP) loss.
 
     The reference snapshot is taken at the first check and refreshed every ``refresh`` checks; its
-    outputs are computed in a CPU worker process (``freeze_agent.reference``) while training goes
-    on. Each check compares the training model's unit outputs (one no-grad forward of the probe
-    batch) with the latest reference outputs. Values are reported as a rate per training step since
-    the reference snapshot, so a refresh does not make the signal jump; ``age`` counts the checks
-    since the reference result being used arrived.
+    outputs are computed in a CPU worker process (``freeze_agent.signals.reference``) while
+    training goes on. Each check compares the training model's unit outputs (one no-grad forward
+    of the probe batch) with the latest reference outputs. Values are reported as a rate per
+    training step since the reference snapshot, so a refresh does not make the signal jump;
+    ``age`` counts the checks since the reference result being used arrived.
 
-    The worker's child process is reused across runs of one process: :meth:`close` hands it
-    back to ``freeze_agent.reference``'s pool and the next monitor takes it, so only the first
-    run of a process pays for the child's start-up (``freeze_agent.reference.warm_pool`` can
-    pay it ahead of time).
+    The worker's child process is reused across runs of one process: ``close`` hands it back to
+    the pool (``freeze_agent.signals.reference_pool``) and the next monitor takes it, so only the
+    first run of a process pays for the child's start-up (``reference_pool.warm_pool`` can pay
+    it ahead of time).
     """
 
     def __init__(

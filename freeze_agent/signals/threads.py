@@ -9,7 +9,7 @@ import torch
 
 SMALL_WORK_FLOPS = 1e9
 """A per-decision signal computation on the CPU below this many FLOPs runs on one torch thread
-(see :func:`one_thread_if`)."""
+(see ``one_thread_if``)."""
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """Model families that freeze-agent trains, built by name from a task spec.
 
-Every family except ``minilm`` builds a :class:`ChainModel`, whose forward pass is nothing but
+Every family except ``minilm`` builds a ``ChainModel``, whose forward pass is nothing but
 its top-level children run in order: an optional ``stem``, ``blocks`` (an ``nn.Sequential``
 whose children are the natural blocks: conv block, residual block, transformer layer, GRU
 layer), an optional ``norm`` and the ``head``. The unit partitioner relies on that shape: each
@@ -11,7 +11,7 @@ on its own to cache the output of a frozen prefix. Every parameter lives in exac
 ``minilm`` wraps the pretrained all-MiniLM-L6-v2 ``BertModel`` (``model.encoder``, with its
 ``embeddings`` and ``encoder.layer[i]``) and takes ``model(input_ids=..., attention_mask=...)``.
 
-Families (hyper-parameters and defaults: :func:`hyper_defaults`):
+Families (hyper-parameters and defaults: ``hyper_defaults``):
 
 - ``mlp``: flatten, ``depth`` × (Linear, optional BatchNorm, ReLU) of ``width``, Linear head.
 - ``cnn1d`` / ``cnn2d``: ``depth`` × (Conv, BatchNorm, ReLU, 2× max-pool every
@@ -620,7 +620,7 @@ def build_model(
     The model returns logits (N, num_classes), or (N, T, vocab) for ``char_transformer``,
     whose classes are its vocabulary: pass ``vocab_size`` (``num_classes`` must then agree).
     ``vocab_size`` is ignored by the other families. ``hyper`` overrides the family's
-    defaults (:func:`hyper_defaults`). Initialization draws from torch's global RNG, so the
+    defaults (``hyper_defaults``). Initialization draws from torch's global RNG, so the
     same ``torch.manual_seed`` gives the same model.
 
     Raises ValueError for an unknown family or an unknown or invalid hyper-parameter or shape,

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from freeze_agent import FreezeController, Mode
-from freeze_agent.core.prefix_cache import ActivationStore, CacheStats, PrefixCache
+from freeze_agent.core.activation_store import ActivationStore
+from freeze_agent.core.prefix_cache import CacheStats, PrefixCache
 
 N, BATCH, LENGTH = 96, 16, 16
 T, L, Fz = Mode.TRAIN, Mode.LOCAL, Mode.FROZEN

@@ -19,20 +19,12 @@ import torch
 from torch import nn
 
 from freeze_agent.core.units import partition
-from freeze_agent.signals import reference
-from freeze_agent.signals.reference import (
-    ReferenceWorker,
-    ReferenceWorkerWarning,
-    dequantize_state_dict,
-    exit_module_paths,
-    gram_distance,
-    normalized_gram,
-    quantize_state_dict,
-    slope,
-    sp_loss,
-    unit_outputs,
-    warm_pool,
-)
+from freeze_agent.signals import reference_pool
+from freeze_agent.signals.quantization import dequantize_state_dict, quantize_state_dict
+from freeze_agent.signals.reference import ReferenceWorker, ReferenceWorkerWarning
+from freeze_agent.signals.reference_pool import warm_pool
+from freeze_agent.signals.similarity import gram_distance, normalized_gram, slope, sp_loss
+from freeze_agent.signals.unit_outputs import exit_module_paths, unit_outputs
 
 # --------------------------------------------------------------------------- test models
 
@@ -398,15 +390,15 @@ def digits_probe() -> torch.Tensor:
 
 
 def pooled_pids() -> list[int]:
-    return [child.process.pid for child in reference._pool]
+    return [child.process.pid for child in reference_pool._pool]
 
 
 @pytest.fixture
 def empty_pool():
     """Start from an empty pool (earlier tests may have left idle children there)."""
-    reference._drain_pool()
+    reference_pool.drain_pool()
     yield
-    reference._drain_pool()
+    reference_pool.drain_pool()
 
 
 def test_a_closed_idle_child_is_reused_for_a_different_architecture(empty_pool):
@@ -489,10 +481,10 @@ def test_a_busy_child_is_killed_not_pooled(empty_pool):
 def test_warm_pool_starts_a_child_ahead_and_a_forked_process_does_not_inherit_it(empty_pool):
     assert warm_pool(1, wait_s=60.0) >= 1
     pids = pooled_pids()
-    assert pids and reference._pool[-1].started
+    assert pids and reference_pool._pool[-1].started
     forked = os.fork()
     if forked == 0:  # the forked process: the parent's children are not its to reuse or kill
-        os._exit(0 if not reference._pool and os.kill(pids[0], 0) is None else 1)
+        os._exit(0 if not reference_pool._pool and os.kill(pids[0], 0) is None else 1)
     _, status = os.waitpid(forked, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     model = SleepyNet()
@@ -507,5 +499,5 @@ def test_warm_pool_starts_a_child_ahead_and_a_forked_process_does_not_inherit_it
 def test_the_child_runs_at_a_lower_priority_than_training(empty_pool):
     assert warm_pool(1, wait_s=60.0) >= 1
     child = pooled_pids()[0]
-    expected = min(os.nice(0) + reference.WORKER_NICENESS, 19)
+    expected = min(os.nice(0) + reference_pool.WORKER_NICENESS, 19)
     assert os.getpriority(os.PRIO_PROCESS, child) == expected > os.nice(0)

@@ -19,8 +19,9 @@ from freeze_agent.signals.observation import (
     has_plasticity,
     log_scaled,
 )
-from freeze_agent.signals.reference import sp_loss, unit_outputs
+from freeze_agent.signals.similarity import sp_loss
 from freeze_agent.signals.threads import one_thread_if
+from freeze_agent.signals.unit_outputs import unit_outputs
 
 
 def test_dynamics_on_a_hand_computed_case():

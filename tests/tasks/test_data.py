@@ -1,5 +1,5 @@
-"""Tests for freeze_agent.data: every dataset loads, splits cleanly and reproducibly, and fails
-with an install hint when its source is missing."""
+"""Tests for freeze_agent.tasks.data: every dataset loads, splits cleanly and reproducibly, and
+fails with an install hint when its source is missing."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Tests for freeze_agent.models: shapes, gradients, learning, determinism, structure, errors."""
+"""Tests for freeze_agent.tasks.models: shapes, gradients, learning, determinism, structure and
+errors."""
 
 from __future__ import annotations
 

@@ -1,0 +1,111 @@
+"""What crosses the pipes between the training process and the reference worker's child: tensors
+as plain bytes (``to_wire``, ``from_wire``) and the model's architecture pickled without
+the hooks the training process added (``architecture_bytes``).
+
+Transport: snapshots and results travel as plain bytes through pipes, not as torch shared-memory
+tensors, so a small ``/dev/shm`` (containers) cannot break the worker and a killed child leaks no
+shared segments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from freeze_agent.signals.unit_outputs import map_tensors
+
+__all__ = ["architecture_bytes", "from_wire", "to_wire"]
+
+_HOOK_ATTRIBUTES = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+@dataclass(frozen=True)
+class _WireTensor:
+    """A tensor as raw bytes: pickles as plain bytes, never as a torch shared-memory handle."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> _WireTensor:
+        t = tensor.detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy()
+        return cls(str(t.dtype).removeprefix("torch."), tuple(t.shape), raw)
+
+    def tensor(self) -> torch.Tensor:
+        raw = torch.from_numpy(np.ascontiguousarray(self.data))
+        return raw.view(getattr(torch, self.dtype)).reshape(self.shape)
+
+
+def to_wire(value: Any) -> Any:
+    """``value`` with every tensor in it (through tuples, lists and dicts) as raw bytes."""
+    return map_tensors(value, _WireTensor.of)
+
+
+def from_wire(value: Any) -> Any:
+    """The inverse of ``to_wire``: every raw-bytes tensor in ``value`` as a tensor again."""
+    if isinstance(value, _WireTensor):
+        return value.tensor()
+    if isinstance(value, Mapping):
+        return {k: from_wire(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(from_wire(v) for v in value)
+    if isinstance(value, list):
+        return [from_wire(v) for v in value]
+    return value
+
+
+@contextlib.contextmanager
+def _foreign_hooks_removed(model: nn.Module) -> Iterator[None]:
+    """Hide hooks not defined by torch itself (a controller's, a profiler's) while the model is
+    pickled: they belong to the training process, and pickling a bound method would drag its
+    whole owner along. Torch's own (weight norm, spectral norm) are part of the architecture."""
+    saved: list[tuple[nn.Module, str, Any]] = []
+    for module in model.modules():
+        for attr in _HOOK_ATTRIBUTES:
+            hooks = module.__dict__.get(attr)
+            if not hooks:
+                continue
+            kept = OrderedDict((k, h) for k, h in hooks.items() if _is_torch_hook(h))
+            if len(kept) != len(hooks):
+                saved.append((module, attr, hooks))
+                module.__dict__[attr] = kept
+    try:
+        yield
+    finally:
+        for module, attr, hooks in saved:
+            module.__dict__[attr] = hooks
+
+
+def _is_torch_hook(hook: Any) -> bool:
+    owner = getattr(hook, "__module__", None) or type(hook).__module__
+    return isinstance(owner, str) and owner.split(".")[0] == "torch"
+
+
+def architecture_bytes(model: nn.Module) -> bytes:
+    """The model pickled with ``torch.save``: tensors are copied to the CPU one at a time (no
+    second copy of the model on the accelerator), the child loads with ``map_location='cpu'``."""
+    buffer = io.BytesIO()
+    with _foreign_hooks_removed(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "backward hooks will not be serialized"
+        torch.save(model, buffer)
+    return buffer.getvalue()
