@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -20,6 +21,24 @@ from freeze_agent.tasks.spec import DEFAULT_TASK, list_tasks, load_task
 
 console = Console()
 _MODE_STYLE = {"T": "green", "L": "yellow", "F": "blue"}
+
+
+def _show(table: Table) -> None:
+    """Print ``table`` whole. In a terminal, a cell that does not fit folds onto more lines
+    instead of losing characters; piped, every row stays on one line, as wide as it needs, so
+    that ``grep`` and ``cut`` see every column."""
+    for column in table.columns:
+        column.overflow, column.no_wrap = "fold", False
+    if console.is_terminal:
+        console.print(table)
+    else:
+        natural = Measurement.get(console, console.options.update_width(100_000), table).maximum
+        width = console.width
+        console.width = max(width, natural)  # print() alone never goes past the console's width
+        try:
+            console.print(table)
+        finally:
+            console.width = width
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,6 +50,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         console.print(f"[bold red]error:[/] {error}")
         return 2
+
+
+def _integer_from(minimum: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{what} must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_count = _integer_from(1, "a budget or count")
+_seed = _integer_from(0, "a seed")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
         help="a trained policy's folder or the name of one in policies/, or a baseline: "
         "none | linear-prefix[:START] (default: %(default)s, the shipped policy)",
     )
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--epochs", type=int, default=None, help="override the task's epoch budget")
+    run.add_argument("--seed", type=_seed, default=0)
+    run.add_argument("--epochs", type=_count, default=None, help="override the task's epoch budget")
     run.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     run.add_argument("--json", type=Path, default=None, help="also write the results here")
     run.set_defaults(handler=_run)
@@ -62,8 +98,8 @@ def _parser() -> argparse.ArgumentParser:
         "profile", help="measured vs modeled time per iteration for each frozen-prefix depth"
     )
     profile.add_argument("task", help="task name or YAML path")
-    profile.add_argument("--repetitions", type=int, default=5)
-    profile.add_argument("--iterations", type=int, default=3)
+    profile.add_argument("--repetitions", type=_count, default=5)
+    profile.add_argument("--iterations", type=_count, default=3)
     profile.add_argument("--device", default=None)
     profile.add_argument("--json", type=Path, default=None)
     profile.set_defaults(handler=_profile)
@@ -72,8 +108,8 @@ def _parser() -> argparse.ArgumentParser:
         "overhead", help="cost of the signal machinery: training time with vs without it"
     )
     overhead.add_argument("task", nargs="?", default=DEFAULT_TASK, help="task name or YAML path")
-    overhead.add_argument("--intervals", type=int, default=None, help="default: the whole run")
-    overhead.add_argument("--seed", type=int, default=0)
+    overhead.add_argument("--intervals", type=_count, default=None, help="default: the whole run")
+    overhead.add_argument("--seed", type=_seed, default=0)
     overhead.add_argument("--device", default=None)
     overhead.add_argument("--json", type=Path, default=None)
     overhead.set_defaults(handler=_overhead)
@@ -100,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("policy", help="a policy folder, a shipped policy's name or a baseline")
     evaluate.add_argument("--tasks", nargs="+", default=["envs/val", "envs/heldout"])
-    evaluate.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    evaluate.add_argument("--seeds", nargs="+", type=_seed, default=[0, 1, 2])
     evaluate.add_argument(
         "--remeasure",
         action="store_true",
@@ -126,14 +162,14 @@ def _parser() -> argparse.ArgumentParser:
         "--val", nargs="*", default=["val"], help="held-out tasks (scored only, never trained on)"
     )
     predictor.add_argument("--out", type=Path, default=None, help="default: policies/smartfrz")
-    predictor.add_argument("--seeds", type=int, nargs="+", default=[0])
-    predictor.add_argument("--epochs", type=int, default=None, help="predictor training epochs")
+    predictor.add_argument("--seeds", type=_seed, nargs="+", default=[0])
+    predictor.add_argument("--epochs", type=_count, default=None, help="predictor training epochs")
     predictor.add_argument("--lr", type=float, default=1e-3)
-    predictor.add_argument("--seed", type=int, default=0, help="seed of the predictor's training")
+    predictor.add_argument("--seed", type=_seed, default=0, help="seed of the predictor's training")
     predictor.add_argument("--cka-threshold", type=float, default=None)
-    predictor.add_argument("--decisions", type=int, default=None, help="decisions per run")
+    predictor.add_argument("--decisions", type=_count, default=None, help="decisions per run")
     predictor.add_argument("--cache", type=Path, default=None, help="folder of recorded runs")
-    predictor.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    predictor.add_argument("--threads", type=_count, default=None, help="torch CPU threads")
     predictor.set_defaults(handler=_train_predictor)
     return parser
 
@@ -146,10 +182,10 @@ def _envs(_args: argparse.Namespace) -> int:
 
     table = Table(title="training tasks (descriptions in the YAML specs)")
     for column in ("task", "split", "model", "dataset", "units", "epochs"):
-        table.add_column(column, no_wrap=True)
+        table.add_column(column)
     for task in list_tasks():
         try:
-            units = str(len(Trainer(task, device="cpu", epochs=1).units))
+            units = str(len(Trainer(task, device="cpu", epochs=1, signals=False).units))
         except (ImportError, RuntimeError) as error:  # optional data or model not installed
             units = f"[dim]unavailable: {type(error).__name__}[/]"
         table.add_row(
@@ -160,7 +196,7 @@ def _envs(_args: argparse.Namespace) -> int:
             units,
             str(task.epochs),
         )
-    console.print(table)
+    _show(table)
     return 0
 
 
@@ -214,9 +250,17 @@ def _print_run(result) -> None:
     )
     summary.add_row("validation accuracy", f"{100 * result.val_accuracy:.2f}%")
     summary.add_row("test accuracy", f"{100 * result.test_accuracy:.2f}%")
+    if result.signals.get("observations"):
+        signals = result.signals
+        summary.add_row(
+            "observations with plasticity",
+            f"{100 * signals['plasticity_fraction']:.0f}% of {signals['observations']}; "
+            f"waited for the reference {signals['reference_waits']} times "
+            f"({signals['reference_wait_seconds']:.2f} s)",
+        )
     if result.diverged:
         summary.add_row("[red]diverged[/]", "the training loss became non-finite")
-    console.print(summary)
+    _show(summary)
 
     timeline = Table(title="mode timeline (T train, L local, F frozen; one column per decision)")
     timeline.add_column("unit", justify="right")
@@ -229,7 +273,7 @@ def _print_run(result) -> None:
             for entry in result.timeline
         )
         timeline.add_row(str(unit["index"]), unit["name"], unit["kind"], marks)
-    console.print(timeline)
+    _show(timeline)
 
 
 # ---------------------------------------------------------------------- profile
@@ -258,7 +302,7 @@ def _profile(args: argparse.Namespace) -> int:
             f"{u['flops_backward_weight'] / 1e6:.3f}",
             "yes" if u["cut_point"] else "no",
         )
-    console.print(units)
+    _show(units)
     constants = Table(
         title=f"cost model constants fitted to every variant below "
         f"(1 FLOP-equivalent = {1e12 * profile.seconds_per_flop:.2f} ps)"
@@ -271,7 +315,7 @@ def _profile(args: argparse.Namespace) -> int:
             f"{getattr(profile.constants, term):.4g}",
             f"{100 * profile.term_shares[term]:.1f}%",
         )
-    console.print(constants)
+    _show(constants)
     depths = Table(
         title=f"time per iteration ({profile.clock}, fastest of {profile.repetitions} interleaved "
         f"repetitions, batch {profile.batch_size}, {profile.device}); ratios to all-TRAIN; "
@@ -290,7 +334,7 @@ def _profile(args: argparse.Namespace) -> int:
             f"{row['measured_over_modeled']:.2f}",
             "-" if loo is None else f"{loo:.2f}",
         )
-    console.print(depths)
+    _show(depths)
     spread, loo_spread = (
         profile.measured_over_modeled_range,
         profile.loo_measured_over_modeled_range,
@@ -319,9 +363,11 @@ def _overhead(args: argparse.Namespace) -> int:
     table.add_row("  of which observe()", f"{result.observe_seconds:.2f} s")
     with_plasticity = f"{result.intervals_with_plasticity} of {result.intervals}"
     table.add_row("  observations with plasticity", with_plasticity)
+    waits = f"{result.reference_waits} ({result.reference_wait_seconds:.2f} s)"
+    table.add_row("  waits for a late reference result", waits)
     table.add_row("training without", f"{result.seconds_without:.2f} s")
     table.add_row("ratio", f"{result.ratio:.3f}  ({100 * (result.ratio - 1):+.1f}%)")
-    console.print(table)
+    _show(table)
     if args.json:
         _write_json(args.json, result.to_dict())
     return 0
@@ -450,7 +496,7 @@ def _print_predictor_card(card: dict[str, Any], out: Path) -> None:
             f"held-out accuracy {baseline['heldout']['accuracy']:.3f}, "
             f"balanced {baseline['heldout']['balanced_accuracy']:.3f}"
         )
-    console.print(table)
+    _show(table)
 
 
 # ---------------------------------------------------------------------- evaluate
@@ -478,7 +524,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             f"{row['test_delta_pp']:+.2f}",
             f"{row['worst_test_delta_pp']:+.2f}",
         )
-    console.print(table)
+    _show(table)
     if args.json:
         _write_json(args.json, report.to_dict())
     if args.update_card:

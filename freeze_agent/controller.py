@@ -21,7 +21,7 @@ from freeze_agent.core.modes import Mode, effective_modes
 from freeze_agent.core.units import ModelInput, Unit, partition
 from freeze_agent.signals.attention import AttentionScore
 from freeze_agent.signals.dynamics import DynamicsTracker, UnitDynamics
-from freeze_agent.signals.observation import ObservationBuilder, Signals
+from freeze_agent.signals.observation import ObservationBuilder, Signals, has_plasticity
 from freeze_agent.signals.plasticity import PlasticityMonitor
 
 
@@ -44,7 +44,8 @@ class FreezeController:
         signals: track gradient/weight dynamics, plasticity and the attention score; without
             them the observation holds only the static, mode and progress features.
         reference: measure plasticity against an int8 reference model in a CPU worker process
-            (started at the first ``observe``); needs ``signals``.
+            (started with the controller, so a fresh process pays its start-up while the first
+            interval trains); needs ``signals``.
         predictor_dir: folder of the SmartFRZ predictor (default: the shipped one).
 
     Call ``step(loss)`` once after each optimizer step and ``observe()`` once per decision.
@@ -84,7 +85,12 @@ class FreezeController:
         self.use_reference = signals and reference
         self.dynamics = DynamicsTracker(self.units) if signals else None
         self.attention = AttentionScore(self.units, predictor_dir) if signals else None
-        self.plasticity: PlasticityMonitor | None = None
+        # started now, so that the worker's child starts up while the first interval trains
+        self.plasticity = (
+            PlasticityMonitor(model, self.units, self.probe_input) if self.use_reference else None
+        )
+        self.observations = 0
+        self.observations_with_plasticity = 0
         self.builder = ObservationBuilder(self.units, max_units, total_steps)
         self._interval_loss_sum, self._interval_loss_count = 0.0, 0
         self.interval_losses: list[float] = []
@@ -179,7 +185,8 @@ class FreezeController:
     def observe(self) -> dict[str, np.ndarray]:
         """Close the current interval and return the observation a policy decides from (see
         ``freeze_agent.signals.observation``): gradient and weight dynamics of the interval,
-        plasticity against the latest reference result, the attention score, progress and cost."""
+        plasticity against the reference result due now, the attention score, progress and
+        cost."""
         if self._interval_loss_count:
             self.interval_losses.append(self._interval_loss_sum / self._interval_loss_count)
             self._interval_loss_sum, self._interval_loss_count = 0.0, 0
@@ -189,8 +196,6 @@ class FreezeController:
             interval_losses=self.interval_losses,
             predictor_available=self.attention is not None and self.attention.available,
         )
-        if self.use_reference and self.plasticity is None:
-            self.plasticity = PlasticityMonitor(self.model, self.units, self.probe_input)
         if self.plasticity is not None:
             signals.reference_available = self.plasticity.available
             measured = self.plasticity.check(self.steps)
@@ -198,13 +203,28 @@ class FreezeController:
                 signals.plasticity, signals.plasticity_trend, signals.plasticity_age = measured
         if self.attention is not None:
             signals.attention = self.attention.check()
-        return self.builder.build(
+        observation = self.builder.build(
             self._modes,
             signals,
             progress=self.progress,
             lr_ratio=self.lr_ratio(),
             cost_ratio=self.cost_ratio(),
         )
+        self.observations += 1
+        self.observations_with_plasticity += has_plasticity(observation)
+        return observation
+
+    def signal_report(self) -> dict[str, float | int]:
+        """How the signals fared so far: the share of observations that carried plasticity, and
+        how often (and how long) an observation waited for a late reference result. The waits
+        are wall time: they vary with machine load, the observations do not."""
+        monitor = self.plasticity
+        return {
+            "observations": self.observations,
+            "plasticity_fraction": self.observations_with_plasticity / max(self.observations, 1),
+            "reference_waits": monitor.waits if monitor is not None else 0,
+            "reference_wait_seconds": monitor.wait_seconds if monitor is not None else 0.0,
+        }
 
     def close(self) -> None:
         """Return every unit to TRAIN, remove all hooks and stop the reference worker."""

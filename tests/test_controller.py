@@ -178,3 +178,15 @@ def test_cost_model_follows_research_rules(residual_net):
     local = iteration_flops(units, [L, T, T, T, T])
     assert local == pytest.approx(full - units[1].flops_backward_input)
     assert cost_ratio(units, [F_, F_, F_, F_, T]) < cost_ratio(units, [F_, T, T, T, T]) < 1.0
+
+
+def test_the_reference_worker_starts_with_the_controller(chain, signal_batch):
+    controller = FreezeController(
+        chain, torch.optim.SGD(chain.parameters(), lr=0.1), signal_batch[0]
+    )
+    try:
+        assert controller.plasticity is not None and controller.plasticity.worker.pid is not None
+        assert controller.signal_report()["observations"] == 0  # before any observation
+    finally:
+        controller.close()
+    assert controller.plasticity is None

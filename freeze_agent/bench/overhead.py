@@ -25,6 +25,8 @@ class Overhead:
     # intervals whose observation held plasticity: a starved reference worker would make the
     # overhead look small while delivering nothing
     intervals_with_plasticity: int
+    reference_waits: int  # observations that waited for a late reference result
+    reference_wait_seconds: float  # part of observe_seconds spent in those waits
 
     @property
     def ratio(self) -> float:
@@ -55,6 +57,7 @@ def measure_overhead(
             with_plasticity += has_plasticity(observation)
             timed["with"] += with_signals.run_interval().seconds
             timed["without"] += bare.run_interval().seconds
+        report = with_signals.controller.signal_report()
     finally:
         with_signals.close()
         bare.close()
@@ -66,4 +69,6 @@ def measure_overhead(
         seconds_without=timed["without"],
         observe_seconds=timed["observe"],
         intervals_with_plasticity=with_plasticity,
+        reference_waits=report["reference_waits"],
+        reference_wait_seconds=report["reference_wait_seconds"],
     )

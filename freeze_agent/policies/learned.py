@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from gymnasium import spaces
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from freeze_agent.core.modes import Mode
@@ -28,9 +29,10 @@ from freeze_agent.signals.observation import (
 class LearnedPolicy(Policy):
     """A trained ``UnitAttentionPolicy`` that decides the most probable legal mode of each unit.
 
-    :param network: the policy network (in eval mode after construction)
-    :param name: how benchmarks and logs call this policy
-    :param directory: the artifact folder it was loaded from, if any (its card records results)
+    Args:
+        network: the policy network (in eval mode after construction)
+        name: how benchmarks and logs call this policy
+        directory: the artifact folder it was loaded from, if any (its card records results)
     """
 
     def __init__(
@@ -52,8 +54,15 @@ class LearnedPolicy(Policy):
         if not weights.is_file():
             raise PolicyArtifactError(
                 f"{weights} not found: the artifact in {directory} is incomplete; save the "
-                "policy again (freeze_agent.artifact.save_policy)"
+                "policy again (freeze_agent.policies.artifact.save_policy)"
             )
+        try:
+            state = load_file(weights)
+        except (SafetensorError, OSError) as error:
+            raise PolicyArtifactError(
+                f"{weights} is damaged and cannot be read ({error}); restore the file or save "
+                "the policy again"
+            ) from error
         max_units = int(card["max_units"])
         try:
             network = UnitAttentionPolicy(
@@ -62,7 +71,7 @@ class LearnedPolicy(Policy):
                 UnitAttentionPolicy._dummy_schedule,  # no optimizer steps when deploying
                 **card["architecture"],
             )
-            network.load_state_dict(load_file(weights))
+            network.load_state_dict(state)
         except (TypeError, RuntimeError) as error:
             raise PolicyArtifactError(
                 f"{weights} does not match the architecture in {directory / CARD_FILE}: {error}"

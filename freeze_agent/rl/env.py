@@ -45,12 +45,12 @@ class FreezeTrainingEnv(gym.Env):
         epochs, decisions: override the task's budget and its number of decision intervals.
         device: where the model trains (default: CUDA when available).
         reference_model: measure plasticity against the int8 reference model in a CPU worker
-            process. Its results arrive asynchronously, so with it the observations depend on
-            timing; turn it off where exact reproducibility matters.
+            process. Its results are computed asynchronously but used on a fixed schedule (a
+            late one is waited for), so observations and rewards do not depend on timing.
         cache: serve a frozen prefix's activations from the activation cache.
-        timing: report the measured speedup (wall time against the reference run's) in
-            ``info``. Wall time varies from run to run, so without it (and without
-            ``reference_model``) an episode is exactly reproducible from its seed.
+        timing: report the measured speedup (wall time against the reference run's) and the
+            waits for late reference results in ``info``. Wall time varies from run to run, so
+            without it an episode, its ``info`` included, is exactly reproducible from its seed.
 
     Actions are one mode per unit slot (``MultiDiscrete([3] * max_units)``); padded slots, the
     head and LOCAL where the local rule does not apply are masked (``action_masks``), and the
@@ -236,7 +236,20 @@ class FreezeTrainingEnv(gym.Env):
             "reason": reason,
             "unit_names": [u.name for u in trainer.units],
             "timeline": list(self._timeline),
+            **self._signal_summary(),
         }
+
+    def _signal_summary(self) -> dict[str, Any]:
+        """The share of observations with plasticity; with ``timing``, also the waits for late
+        reference results (wall time, which varies from run to run)."""
+        report = self.trainer.controller.signal_report()
+        summary = {"plasticity_fraction": report["plasticity_fraction"]}
+        if self.timing:
+            summary.update(
+                reference_waits=report["reference_waits"],
+                reference_wait_seconds=report["reference_wait_seconds"],
+            )
+        return summary
 
     def _close_trainer(self) -> None:
         if self.trainer is not None:

@@ -26,6 +26,7 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList, Check
 from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
 
+from freeze_agent.core.checks import require_int
 from freeze_agent.policies.artifact import update_card
 from freeze_agent.policies.learned import LearnedPolicy
 from freeze_agent.policies.network import UnitAttentionPolicy
@@ -139,15 +140,32 @@ class TrainConfig:
     wandb_run_id: str | None = field(default=None, metadata={"cli": False})
 
     def __post_init__(self) -> None:
-        if self.timesteps < 1 or self.n_envs < 1:
-            raise ValueError("timesteps and n_envs must be at least 1")
+        at_least = {
+            "timesteps": 1,
+            "n_envs": 1,
+            "seed": 0,
+            "max_units": 2,
+            "n_steps": 1,
+            "batch_size": 1,
+            "n_epochs": 1,
+            "imitation_rounds": 0,
+            "imitation_episodes": 1,
+            "imitation_epochs": 1,
+            "checkpoint_every": 1,
+            "eval_every": 0,
+        }
+        for name, minimum in at_least.items():
+            require_int(name, getattr(self, name), minimum)
+        for name in ("epochs", "decisions"):
+            if getattr(self, name) is not None:
+                require_int(name, getattr(self, name), 1)
+        if not self.training_seeds or min(self.training_seeds) < 0:
+            raise ValueError(f"training_seeds must be seeds >= 0, got {self.training_seeds}")
         if (self.n_steps * self.n_envs) % self.batch_size:
             raise ValueError(
                 f"batch_size {self.batch_size} must divide n_steps * n_envs = "
                 f"{self.n_steps * self.n_envs}"
             )
-        if self.imitation_rounds < 0 or self.imitation_episodes < 1:
-            raise ValueError("imitation_rounds must be >= 0 and imitation_episodes >= 1")
         unknown = sorted(set(self.reward) - {f.name for f in fields(RewardConfig)})
         if unknown:
             known = ", ".join(f.name for f in fields(RewardConfig))

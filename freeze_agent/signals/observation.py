@@ -79,9 +79,12 @@ _LOG_DECADES = 6.0  # log scaling maps [1e-6, 1] of a ratio onto [0, 1]
 
 def log_scaled(value: float, reference: float = 1.0) -> float:
     """log10(value / reference) mapped from [-6, 0] onto [0, 1]; 0 for non-positive values."""
-    if not (math.isfinite(value) and value > 0 and reference > 0):
+    if not (_finite(value) and _finite(reference) and value > 0 and reference > 0):
         return 0.0
-    return min(max(1.0 + math.log10(value / reference) / _LOG_DECADES, 0.0), 1.0)
+    ratio = value / reference
+    if not (math.isfinite(ratio) and ratio > 0):  # over- or underflow
+        return 1.0 if ratio > 0 else 0.0
+    return min(max(1.0 + math.log10(ratio) / _LOG_DECADES, 0.0), 1.0)
 
 
 def observation_space(max_units: int) -> spaces.Dict:
@@ -117,6 +120,13 @@ def has_plasticity(observation: dict[str, np.ndarray]) -> bool:
 
 def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
+
+
+def _bounded(features: np.ndarray) -> np.ndarray:
+    """Features as the observation space holds them: finite, in [-1, 1], float32."""
+    return np.clip(np.nan_to_num(features, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0).astype(
+        np.float32
+    )
 
 
 @dataclass
@@ -178,9 +188,11 @@ class ObservationBuilder:
         grads = [d.grad_l1 for d in signals.dynamics if _finite(d.grad_l1)]
         self._max_grad = max([self._max_grad, *grads])
         if signals.plasticity is not None:
-            self._max_plasticity = max([self._max_plasticity, *signals.plasticity])
+            finite = [p for p in signals.plasticity if _finite(p)]
+            self._max_plasticity = max([self._max_plasticity, *finite])
 
-        matrix = np.zeros((self.max_units, len(UNIT_FEATURES)), dtype=np.float32)
+        # float64 until clipped: a huge signal must not overflow the float32 cast
+        matrix = np.zeros((self.max_units, len(UNIT_FEATURES)), dtype=np.float64)
         for i in range(n):
             matrix[i] = [
                 *self._static[i],
@@ -203,12 +215,12 @@ class ObservationBuilder:
                 float(signals.reference_available),
                 float(signals.predictor_available),
             ],
-            dtype=np.float32,
+            dtype=np.float64,
         )
         return {
-            "units": np.clip(np.nan_to_num(matrix), -1.0, 1.0),
+            "units": _bounded(matrix),
             "mask": mask,
-            "global": np.clip(np.nan_to_num(global_vector), -1.0, 1.0),
+            "global": _bounded(global_vector),
         }
 
     def _plasticity(self, signals: Signals, i: int) -> list[float]:
@@ -227,7 +239,7 @@ class ObservationBuilder:
     def _dynamics(self, d: UnitDynamics) -> list[float]:
         if not _finite(d.grad_l1):
             return [0.0, 0.0, 0.0, 0.0, min(d.age / 10, 1.0), 1.0]
-        change = d.grad_change if _finite(d.grad_change) else 0.0
+        change = max(d.grad_change, 0.0) if _finite(d.grad_change) else 0.0  # r_l >= 0
         return [
             log_scaled(d.grad_l1, self._max_grad),
             change / (1.0 + change),

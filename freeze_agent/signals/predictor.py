@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -227,10 +228,16 @@ def _architecture(model: AttentionPredictor) -> dict[str, Any]:
     }
 
 
+class PredictorArtifactError(ValueError):
+    """A SmartFRZ predictor artifact whose files exist but cannot be read."""
+
+
 def load_predictor(folder: str | Path = DEFAULT_DIR) -> AttentionPredictor:
     """The trained predictor from ``predictor.safetensors`` + ``card.json``, in eval mode.
 
-    Raises FileNotFoundError when the folder holds no trained predictor.
+    Raises:
+        FileNotFoundError: the folder holds no trained predictor.
+        PredictorArtifactError: its card or weights are damaged (the message names the file).
     """
     folder = Path(folder)
     weights, card_path = folder / WEIGHTS_FILE, folder / CARD_FILE
@@ -239,11 +246,27 @@ def load_predictor(folder: str | Path = DEFAULT_DIR) -> AttentionPredictor:
             f"no trained SmartFRZ predictor in {folder} (expected {WEIGHTS_FILE} and "
             f"{CARD_FILE}); train one with `freeze-agent train-predictor --out {folder}`"
         )
-    architecture = json.loads(card_path.read_text())["architecture"]
+    remedy = (
+        f"restore it or train the predictor again (freeze-agent train-predictor --out {folder})"
+    )
+    try:
+        architecture = json.loads(card_path.read_text())["architecture"]
+        size, drift_scale = architecture["snapshot_size"], architecture["drift_scale"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise PredictorArtifactError(f"{card_path} is damaged ({error!r}); {remedy}") from error
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError) as error:
+        raise PredictorArtifactError(f"{weights} is damaged ({error}); {remedy}") from error
     # Building the layers draws their (then overwritten) initial weights from the global RNG;
     # a controller loads this mid-setup, and the training it observes must not see a different
     # random stream (dropout masks) because of it.
     with torch.random.fork_rng(devices=[]):
-        model = AttentionPredictor(architecture["snapshot_size"], architecture["drift_scale"])
-    model.load_state_dict(load_file(weights))
+        model = AttentionPredictor(size, drift_scale)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise PredictorArtifactError(
+            f"{weights} does not match the architecture in {card_path}: {error}"
+        ) from error
     return model.eval()

@@ -73,6 +73,8 @@ def _main_module_hidden() -> Iterator[None]:
 
 WORKER_NICENESS = 10
 """Added to the parent's niceness for each child: the reference takes the cycles training leaves."""
+SENDER_STOP_S = 0.2  # how long ``stop`` lets an idle sender thread finish on its own
+CHILD_EXIT_S = 2.0  # how long ``stop`` waits for a killed child (and its sender) to go
 
 
 class Incarnation:
@@ -166,15 +168,29 @@ class Incarnation:
         return self.process.exitcode is None and self.process.is_alive()
 
     def stop(self) -> None:
-        """Kill the child (it has nothing to save) and release the pipes; bounded in time."""
+        """Shut the child down in order, silently and bounded in time: stop the sender thread,
+        then close the pipes, then reap the process.
+
+        A sender blocked writing to a child that does not read (still importing torch, or busy)
+        cannot take the stop request, so the child is killed first: its end of the pipe goes,
+        the write fails and the sender returns. Closing a pipe under a sender still writing to
+        it is what must not happen (``multiprocessing.connection`` then fails inside ``_send``
+        on a handle that is gone).
+        """
         self._outbox.put(None)
+        self._sender.join(timeout=SENDER_STOP_S)  # an idle sender takes the request at once
+        if self._sender.is_alive():
+            with contextlib.suppress(Exception):
+                self.process.kill()
+            self._sender.join(timeout=CHILD_EXIT_S)
+        if not self._sender.is_alive():  # else leave the pipes to the garbage collector
+            for connection in (self.commands, self.results):
+                with contextlib.suppress(Exception):
+                    connection.close()
         with contextlib.suppress(Exception):
             if self.process.is_alive():
                 self.process.kill()
-            self.process.join(timeout=2.0)
-        for connection in (self.commands, self.results):
-            with contextlib.suppress(Exception):
-                connection.close()
+            self.process.join(timeout=CHILD_EXIT_S)
 
 
 # --------------------------------------------------------------------------- the pool

@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -97,7 +98,7 @@ class Task:
     # ------------------------------------------------------------------ building
 
     def load_data(self):
-        """The task's dataset (``freeze_agent.data.Dataset``)."""
+        """The task's dataset (``freeze_agent.tasks.data.Dataset``)."""
         from freeze_agent.tasks.data import load_dataset
 
         d = self.dataset
@@ -228,10 +229,14 @@ def load_task(name_or_path: str | Path) -> Task:
     if not isinstance(raw, dict):
         raise TaskSpecError(f"{path}: a task spec is a mapping of keys to values")
     split = path.parent.name if path.parent.name in SPLITS else "custom"
-    return _parse_task(raw, path, split)
+    return parse_task(raw, path, split)
 
 
-def _parse_task(raw: dict[str, Any], path: Path, split: str) -> Task:
+def parse_task(raw: dict[str, Any], path: Path, split: str = "custom") -> Task:
+    """The task a spec's mapping describes; a ``TaskSpecError`` names the first entry that is
+    missing, unknown or of the wrong kind (``path`` names the task and the messages)."""
+    if not isinstance(raw, dict):
+        raise TaskSpecError(f"{path}: a task spec is a mapping of keys to values")
     where = str(path)
     _check_keys(
         raw, Task, where, skip=("name", "split", "path"), required=("dataset", "model", "epochs")
@@ -243,9 +248,13 @@ def _parse_task(raw: dict[str, Any], path: Path, split: str) -> Task:
         f"{where}: dataset",
         required=("name", "n_train", "n_val", "n_test"),
     )
+    _check_types(raw, Task, where)
+    _check_types(dataset_raw, DatasetSpec, f"{where}: dataset")
     model = _mapping(raw["model"], f"{where}: model")
     if "family" not in model:
         raise TaskSpecError(f"{where}: model: missing required key 'family'")
+    if not isinstance(model["family"], str):
+        raise TaskSpecError(f"{where}: model: family must be a name, got {model['family']!r}")
 
     from freeze_agent.tasks.data import DATASETS
     from freeze_agent.tasks.models import FAMILIES, hyper_defaults
@@ -269,8 +278,10 @@ def _parse_task(raw: dict[str, Any], path: Path, split: str) -> Task:
         )
     optimizer_raw = _mapping(raw.get("optimizer", {}), f"{where}: optimizer")
     _check_keys(optimizer_raw, OptimizerSpec, f"{where}: optimizer")
+    _check_types(optimizer_raw, OptimizerSpec, f"{where}: optimizer")
     schedule_raw = _mapping(raw.get("schedule", {}), f"{where}: schedule")
     _check_keys(schedule_raw, ScheduleSpec, f"{where}: schedule")
+    _check_types(schedule_raw, ScheduleSpec, f"{where}: schedule")
     if "betas" in optimizer_raw:
         optimizer_raw["betas"] = tuple(optimizer_raw["betas"])
     task = Task(
@@ -312,6 +323,35 @@ def _check_keys(
             raise TaskSpecError(f"{where}: missing required key {key!r}")
 
 
+def _check_types(raw: dict[str, Any], cls: type, where: str) -> None:
+    """Refuse a value of the wrong kind before it reaches a comparison or a constructor (the
+    integer counts are checked, with their range, by ``_check_values``)."""
+    hints = typing.get_type_hints(cls)
+    for key, value in raw.items():
+        kind = hints.get(key)
+        if kind is None or typing.get_origin(kind) is dict or kind is dict:
+            continue
+        if kind is str:
+            ok = isinstance(value, str)
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif typing.get_origin(kind) is tuple:
+            ok = isinstance(value, (list, tuple)) and len(value) == len(typing.get_args(kind))
+            ok = ok and all(_is_number(v) for v in value)
+        else:
+            continue
+        if not ok:
+            expected = {str: "a string", float: "a number"}.get(
+                kind, f"{len(typing.get_args(kind))} numbers"
+            )
+            hint = " (YAML reads 5e-4 as text: write 5.0e-4)" if isinstance(value, str) else ""
+            raise TaskSpecError(f"{where}: {key} must be {expected}, got {value!r}{hint}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_values(task: Task, where: str) -> None:
     def positive_int(value: Any, key: str) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -331,6 +371,9 @@ def _check_values(task: Task, where: str) -> None:
     positive_int(task.decisions, "decisions")
     for key in ("n_train", "n_val", "n_test"):
         positive_int(getattr(task.dataset, key), f"dataset: {key}")
+    seed = task.dataset.split_seed
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise TaskSpecError(f"{where}: dataset: split_seed must be an integer >= 0, got {seed!r}")
     if task.batch_size > task.dataset.n_train:
         raise TaskSpecError(
             f"{where}: batch_size {task.batch_size} exceeds dataset n_train {task.dataset.n_train}"

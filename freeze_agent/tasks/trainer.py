@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from freeze_agent.controller import FreezeController
+from freeze_agent.core.checks import require_int
 from freeze_agent.core.modes import Mode
 from freeze_agent.core.prefix_cache import PrefixCache
 from freeze_agent.core.units import call_model
@@ -64,6 +65,7 @@ class RunResult:
     units: list[dict[str, Any]]
     timeline: list[dict[str, Any]] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    signals: dict[str, Any] = field(default_factory=dict)  # FreezeController.signal_report
 
     @property
     def modeled_speedup(self) -> float:
@@ -108,9 +110,13 @@ class Trainer:
         cache_memory_bytes: int = 1 << 30,
         **controller_options: Any,
     ) -> None:
+        require_int("seed", seed, 0)
+        for name, value in (("epochs", epochs), ("decisions", decisions), ("max_units", max_units)):
+            if value is not None:
+                require_int(name, value, 1)
         self.task, self.seed = task, seed
         self.device = torch.device(device) if device is not None else default_device()
-        self.epochs = epochs or task.epochs
+        self.epochs = task.epochs if epochs is None else epochs
         data = _dataset(task)
         self.data = data
         self.train_split = data.train.to(self.device)
@@ -124,7 +130,7 @@ class Trainer:
         self.steps_per_epoch = len(self.train_split) // task.batch_size
         self.total_steps = self.epochs * self.steps_per_epoch
         self.schedule = task.build_schedule(self.optimizer, self.steps_per_epoch)
-        n_decisions = decisions or task.decisions
+        n_decisions = task.decisions if decisions is None else decisions
         self.interval = max(1, math.ceil(self.total_steps / n_decisions))
         rows = torch.arange(min(PROBE_BATCH, len(self.train_split)), device=self.device)
         probe, _ = self.train_split.batch(rows)
@@ -324,6 +330,7 @@ class Trainer:
             units=[describe_unit(u) for u in self.units],
             timeline=timeline,
             losses=self.losses,
+            signals=self.controller.signal_report(),
         )
 
 

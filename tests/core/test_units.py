@@ -263,3 +263,18 @@ def test_model_without_parameters_is_a_clear_error():
 def test_input_that_does_not_run_is_a_clear_error(residual_net):
     with pytest.raises(ValueError, match="does not run through the model"):
         partition(residual_net, torch.randn(4, 3, 16))
+
+
+def test_per_unit_flops_match_a_hand_count():
+    # per sample, a GEMM of (m x k) by (k x n) is 2mkn FLOPs; the backward to the input and to
+    # the weights are one such GEMM each, and the first unit needs no gradient for its input
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv1d(1, 2, 3, padding=1), nn.ReLU()),  # 2 * (2 out x 1 in x 3 taps) x 8
+        nn.Sequential(nn.Flatten(), nn.Linear(16, 5), nn.ReLU()),  # 2 * 16 * 5
+        nn.Linear(5, 3),  # 2 * 5 * 3
+    )
+    counts = [
+        (u.flops_forward, u.flops_backward_input, u.flops_backward_weight)
+        for u in partition(model, torch.randn(4, 1, 8))
+    ]
+    assert counts == [(96, 0, 96), (160, 160, 160), (30, 30, 30)]

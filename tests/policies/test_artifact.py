@@ -169,3 +169,10 @@ def test_weights_that_do_not_fit_the_card_are_refused(artifact):
     _edit_card(artifact, architecture={"embed_dim": 32, "n_heads": 2, "n_layers": 1})
     with pytest.raises(PolicyArtifactError, match=WEIGHTS_FILE):
         LearnedPolicy.load(artifact)
+
+
+def test_truncated_weights_are_named_as_damaged(artifact):
+    weights = artifact / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(PolicyArtifactError, match=rf"{weights}.* is damaged"):
+        LearnedPolicy.load(artifact)

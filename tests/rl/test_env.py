@@ -16,6 +16,8 @@ from freeze_agent.rl.env import ENV_ID, FreezeTrainingEnv
 from freeze_agent.rl.episodes import play_episode
 from freeze_agent.rl.rewards import RewardConfig, accuracy_penalty, loss_penalty, saving
 from freeze_agent.rl.trajectories import reference_trajectory
+from freeze_agent.signals.observation import has_plasticity
+from freeze_agent.signals.reference import ReferenceWorker
 from freeze_agent.tasks.spec import resolve_tasks
 
 # Without the asynchronous reference model and wall-time figures, episodes are reproducible.
@@ -183,3 +185,69 @@ def test_reset_can_retrain_the_reference_run(env, tmp_path):
     env.reset(options={"task": "digits-cnn2d", "seed": 0, "refresh_reference": True})
     assert env.reference.test_accuracy != 0.123456  # trained again, same settings
     assert len(env.reference.val_losses) == 3
+
+
+def test_the_last_step_pays_for_final_accuracy_lost_beyond_the_tolerance():
+    config = RewardConfig(accuracy_weight=1.0, tolerance_pp=0.0)
+    environment = FreezeTrainingEnv(**TINY, reward=config)
+    environment.reset(options={"seed": 0})
+    frozen = np.full(environment.max_units, int(Mode.FROZEN), dtype=np.int64)  # the head trains
+    terminated = False
+    while not terminated:
+        _, reward, terminated, _, info = environment.step(frozen)
+    environment.close()
+    summary = info["episode_summary"]
+    lost_pp = -summary["accuracy_delta_pp"]
+    assert lost_pp > 1.0  # training only the head of a random CNN loses accuracy
+    expected = accuracy_penalty(config, summary["val_accuracy"], summary["reference_val_accuracy"])
+    assert info["accuracy_penalty"] == pytest.approx(expected) == pytest.approx(min(lost_pp, 2.0))
+    assert reward == pytest.approx(info["saved"] - info["loss_penalty"] - expected)
+
+
+def test_check_env_passes_with_the_reference_model_on():
+    environment = gymnasium.make(ENV_ID, **{**TINY, "reference_model": True}).unwrapped
+    try:
+        gymnasium_check_env(environment, skip_render_check=True)
+    finally:
+        environment.close()
+
+
+def _episode(actions: int = 3, seed: int = 3) -> tuple[list[dict], list[float]]:
+    environment = FreezeTrainingEnv(**{**TINY, "reference_model": True, "decisions": 6})
+    observation, _ = environment.reset(options={"seed": seed})
+    observations, rewards = [observation], []
+    try:
+        for step in range(6):
+            action = np.zeros(environment.max_units, dtype=np.int64)
+            action[: min(step // 2, actions)] = int(Mode.FROZEN)
+            observation, reward, *_, info = environment.step(action)
+            observations.append(observation)
+            rewards.append(reward)
+    finally:
+        environment.close()
+    assert info["episode_summary"]["plasticity_fraction"] == 6 / 7  # reported, and exact
+    return observations, rewards
+
+
+def test_observations_do_not_depend_on_when_reference_results_arrive(monkeypatch):
+    prompt, prompt_rewards = _episode()
+    # every result arrives late: nothing is in when first looked for, so each one is waited for
+    poll, wait = ReferenceWorker.poll, ReferenceWorker.wait
+
+    def late_poll(self):
+        return poll(self) if getattr(self, "waiting", False) else None
+
+    def waiting(self, timeout_s):
+        self.waiting = True
+        try:
+            return wait(self, timeout_s)
+        finally:
+            self.waiting = False
+
+    monkeypatch.setattr(ReferenceWorker, "poll", late_poll)
+    monkeypatch.setattr(ReferenceWorker, "wait", waiting)
+    late, late_rewards = _episode()
+    assert sum(has_plasticity(o) for o in prompt) == len(prompt) - 1  # all but at reset
+    assert late_rewards == prompt_rewards
+    for a, b in zip(prompt, late, strict=True):
+        assert all(np.array_equal(a[key], b[key]) for key in a)

@@ -148,6 +148,7 @@ def test_cloning_nothing_says_what_to_do(tmp_path):
         clone(model, Demonstrations())
 
 
+@pytest.mark.slow
 def test_a_kickstarted_run_imitates_then_runs_ppo_from_a_step_zero_checkpoint(tmp_path):
     config = tiny_config(imitation_rounds=2, imitation_episodes=1, decisions=3)
     out = train(config, tmp_path / "policy", use_wandb=False, progress_bar=False)

@@ -60,6 +60,7 @@ def test_collected_labels_are_binary_and_monotone(tiny_examples):
     assert examples["mask"].sum(-1).equal(examples["length"])
 
 
+@pytest.mark.slow
 def test_train_predictor_writes_a_card(tiny_examples, tmp_path):
     _, task = tiny_examples
     cache = task.parent / "cache"
@@ -72,6 +73,7 @@ def test_train_predictor_writes_a_card(tiny_examples, tmp_path):
     assert load_predictor(out)(torch.randn(4, 3, SNAPSHOT_SIZE)).shape == (4, 2)
 
 
+@pytest.mark.slow
 def test_command_skips_tasks_without_data(tiny_examples, tmp_path, monkeypatch, capsys):
     from freeze_agent.cli import main
     from freeze_agent.rl import predictor_training as predictor

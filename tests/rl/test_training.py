@@ -23,6 +23,7 @@ def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FREEZE_AGENT_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.mark.slow
 def test_a_few_ppo_updates_write_a_loadable_policy(tmp_path):
     out = train(tiny_config(), tmp_path / "policy", use_wandb=False, progress_bar=False)
     card = load_card(out)
@@ -39,6 +40,7 @@ def test_a_few_ppo_updates_write_a_loadable_policy(tmp_path):
     assert sum(row["episodes"] for row in run["learning_curve"]) == 8
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_continues_the_step_count(tmp_path, monkeypatch):
     out = tmp_path / "policy"
     original = ValidationCallback._on_step
@@ -121,3 +123,33 @@ def test_one_learned_policy_decides_for_models_of_different_unit_counts(tmp_path
         assert len(modes) == len(controller.units) == depth + 1
         assert modes[-1] is Mode.TRAIN
         controller.close()
+
+
+@pytest.mark.slow
+def test_periodic_validation_keeps_the_best_policy_it_saw(tmp_path, monkeypatch):
+    seen = []
+    original = ValidationCallback.evaluate_now
+
+    def recording(self):
+        keep_going = original(self)
+        seen.append((self.evaluated_at, self.last_evaluation.mean_return))
+        return keep_going
+
+    monkeypatch.setattr(ValidationCallback, "evaluate_now", recording)
+    config = tiny_config(timesteps=24, eval_every=8, learning_rate=3e-3)
+    out = train(config, tmp_path / "policy", use_wandb=False, progress_bar=False)
+    assert [timesteps for timesteps, _ in seen] == [8, 16, 24]
+    best = max(value for _, value in seen)
+    first_best = next(timesteps for timesteps, value in seen if value == best)
+    card = load_card(out)
+    assert card["validation"]["means"]["return"] == pytest.approx(best)
+    assert card["timesteps"] == first_best
+
+
+@pytest.mark.slow
+def test_two_environment_processes_with_the_reference_worker_train_a_policy(tmp_path):
+    config = tiny_config(timesteps=8, n_envs=2, n_steps=4, reference_model=True)
+    out = train(config, tmp_path / "policy", use_wandb=False, progress_bar=False)
+    assert load_card(out)["timesteps"] == 8
+    episodes = read_episodes(out / "checkpoints" / "episodes.jsonl")
+    assert len(episodes) == 4 and {e["task"] for e in episodes} == {"digits-cnn2d"}

@@ -325,3 +325,30 @@ def test_offline_run_holds_ppo_and_episode_logs(no_credentials, monkeypatch, cap
     assert resumed is not None and resumed.id == run.id
     resumed.finish()
     assert list(Path(resumed.settings.sync_dir).glob(f"run-{run.id}.wandb"))
+
+
+@pytest.mark.slow
+def test_freeze_agent_train_logs_episodes_and_validation_offline(
+    no_credentials, monkeypatch, tiny_task
+):
+    from freeze_agent.cli import main
+
+    tmp_path = no_credentials
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    out = tmp_path / "policy"
+    argv = ["train", "--out", str(out), "--tasks", str(tiny_task.path)]
+    argv += ["--val-tasks", str(tiny_task.path), "--timesteps", "8", "--n-envs", "1"]
+    argv += ["--epochs", "1", "--decisions", "2", "--n-steps", "4", "--batch-size", "4"]
+    argv += ["--eval-every", "4", "--no-reference-model"]
+    assert main(argv) == 0
+
+    run_id = json.loads((out / "checkpoints" / "train_config.json").read_text())["wandb_run_id"]
+    (folder,) = (tmp_path / "wandb_dir" / "wandb").glob(f"offline-run-*-{run_id}")
+    rows = history_rows(next(folder.glob("*.wandb")))
+    episodes = [r for r in rows if "episode/return" in r]
+    assert len(episodes) == 4  # 8 decisions, 2 per episode
+    assert all("episode/tiny-digits/return" in r for r in episodes)
+    assert any("eval/return" in r for r in rows)

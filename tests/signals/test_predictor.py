@@ -12,6 +12,7 @@ from freeze_agent.signals.predictor import (
     HISTORY,
     SNAPSHOT_SIZE,
     AttentionPredictor,
+    PredictorArtifactError,
     WeightHistory,
     WeightSampler,
     load_predictor,
@@ -94,3 +95,12 @@ def test_sampler_handles_unit_without_parameters():
 
     sampler = WeightSampler([Unitless()], size=8)
     assert torch.equal(sampler.snapshot(), torch.zeros(1, 8))
+
+
+@pytest.mark.parametrize("damaged", ["predictor.safetensors", "card.json"])
+def test_a_damaged_predictor_is_named(tmp_path, damaged):
+    save_predictor(AttentionPredictor().eval(), tmp_path, {"name": "test"})
+    path = tmp_path / damaged
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(PredictorArtifactError, match=rf"{path}.* is damaged"):
+        load_predictor(tmp_path)

@@ -9,8 +9,10 @@ pytest puts ``tests/`` on ``sys.path``, which the child inherits.
 from __future__ import annotations
 
 import math
+import multiprocessing.connection
 import os
 import signal
+import threading
 import time
 import warnings
 
@@ -22,7 +24,7 @@ from freeze_agent.core.units import partition
 from freeze_agent.signals import reference_pool
 from freeze_agent.signals.quantization import dequantize_state_dict, quantize_state_dict
 from freeze_agent.signals.reference import ReferenceWorker, ReferenceWorkerWarning
-from freeze_agent.signals.reference_pool import warm_pool
+from freeze_agent.signals.reference_pool import Incarnation, warm_pool
 from freeze_agent.signals.similarity import gram_distance, normalized_gram, slope, sp_loss
 from freeze_agent.signals.unit_outputs import exit_module_paths, unit_outputs
 
@@ -85,7 +87,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b).clamp_min(1e-12))
 
 
-def warning_after(worker: ReferenceWorker, timeout_s: float = 20.0) -> str:
+def warning_after(worker: ReferenceWorker, timeout_s: float = 120.0) -> str:
     """Poll ``worker`` until it warns; return the message."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -281,16 +283,13 @@ def test_worker_returns_every_unit_matching_the_dequantized_model(sleepy_worker)
 def test_submit_never_blocks(sleepy_worker):
     model, worker = sleepy_worker
     with torch.no_grad():
-        model.delay.fill_(1.5)
+        model.delay.fill_(3.0)
     try:
-        started = time.perf_counter()
+        # the child sleeps 3 s on this job: had submit waited for it, its result would be in
         assert worker.submit(model, step=1)
-        assert time.perf_counter() - started < 0.5
-        assert worker.status == "busy"
-        started = time.perf_counter()
+        assert worker.status == "busy" and worker.poll() is None
         assert not worker.submit(model, step=2), "a busy worker takes no second snapshot"
         assert worker.poll() is None
-        assert time.perf_counter() - started < 0.1
         result = worker.wait(60.0)
         assert result is not None and result.step == 1
         assert worker.status == "idle"
@@ -332,12 +331,12 @@ def test_worker_restarts_once_after_a_crash_then_gives_up():
 
 def test_worker_restarts_after_a_hang_and_close_kills_a_hung_child():
     model = SleepyNet()
-    worker = ReferenceWorker(model, SLEEPY_PATHS, sleepy_probe(), timeout_s=1.5)
+    worker = ReferenceWorker(model, SLEEPY_PATHS, sleepy_probe(), timeout_s=5.0)
     try:
         with torch.no_grad():
-            model.delay.fill_(60.0)
+            model.delay.fill_(600.0)
         assert worker.submit(model, step=3)
-        with pytest.warns(ReferenceWorkerWarning, match=r"timed out.*1\.5 s.*restarting"):
+        with pytest.warns(ReferenceWorkerWarning, match=r"timed out.*5 s.*restarting"):
             assert worker.wait(60.0) is None
         assert worker.status == "restarting"
         with torch.no_grad():
@@ -347,13 +346,10 @@ def test_worker_restarts_after_a_hang_and_close_kills_a_hung_child():
         assert result is not None and result.step == 4, worker.status
 
         with torch.no_grad():
-            model.delay.fill_(60.0)
+            model.delay.fill_(600.0)
         assert worker.submit(model, step=5)
-        time.sleep(0.3)
         pid = worker.pid
-        started = time.perf_counter()
-        worker.close()
-        assert time.perf_counter() - started < 5.0
+        worker.close()  # returns although the child would sleep for ten minutes
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
         assert not worker.available and worker.status.startswith("failed")
@@ -437,7 +433,8 @@ def test_a_pooled_child_that_died_is_not_reused(empty_pool):
     assert len(dead) == 1, "the idle child went to the pool"
     for pid in dead:
         os.kill(pid, signal.SIGKILL)
-    time.sleep(0.2)
+    for child in reference_pool._pool:
+        child.process.join(60.0)  # dead, not yet noticed by the pool
     model = SleepyNet()
     with warnings.catch_warnings():
         warnings.simplefilter("error", ReferenceWorkerWarning)  # not a failure of this worker
@@ -467,12 +464,10 @@ def test_a_busy_child_is_killed_not_pooled(empty_pool):
     model = SleepyNet()
     worker = ReferenceWorker(model, SLEEPY_PATHS, sleepy_probe(), timeout_s=30.0)
     with torch.no_grad():
-        model.delay.fill_(60.0)
+        model.delay.fill_(600.0)
     assert worker.submit(model, step=0)
     pid = worker.pid
-    started = time.perf_counter()
-    worker.close()
-    assert time.perf_counter() - started < 5.0
+    worker.close()  # returns although the child would sleep for ten minutes
     assert pid not in pooled_pids()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
@@ -501,3 +496,77 @@ def test_the_child_runs_at_a_lower_priority_than_training(empty_pool):
     child = pooled_pids()[0]
     expected = min(os.nice(0) + reference_pool.WORKER_NICENESS, 19)
     assert os.getpriority(os.PRIO_PROCESS, child) == expected > os.nice(0)
+
+
+class UnreadPipe:
+    """A pipe end whose reader never reads: ``send`` blocks, as a large snapshot does while the
+    child is still importing torch or busy, until the child dies (then the write fails). It
+    records whether it was closed while a send was still under way."""
+
+    def __init__(self, process) -> None:
+        self.process = process
+        self.sending = threading.Event()
+        self.in_send = False
+        self.closed_while_sending = False
+
+    def send(self, _message) -> None:
+        self.in_send = True
+        self.sending.set()
+        try:
+            while not multiprocessing.connection.wait([self.process.sentinel], timeout=0.05):
+                pass
+            time.sleep(0.1)  # the failed write reaches the sender a moment after the death
+            raise BrokenPipeError
+        finally:
+            self.in_send = False
+
+    def close(self) -> None:
+        self.closed_while_sending |= self.in_send
+
+
+@pytest.fixture
+def thread_errors(monkeypatch):
+    """Exceptions that escape any thread (a sender thread's would be printed to stderr)."""
+    caught = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: caught.append(args.exc_value))
+    return caught
+
+
+def test_stopping_a_child_stops_its_sender_before_closing_the_pipe(thread_errors):
+    child = Incarnation()
+    real_commands, child.commands = child.commands, UnreadPipe(child.process)
+    try:
+        child.send(("job", 0, b"a snapshot the child never reads"))
+        assert child.commands.sending.wait(60.0)
+        child.stop()
+        assert not child.commands.closed_while_sending
+        assert not child._sender.is_alive() and not child.process.is_alive()
+        assert thread_errors == []
+    finally:
+        real_commands.close()
+
+
+class LargeSleepyNet(nn.Module):
+    """8 MB of weights, and a forward that sleeps ``delay`` seconds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(512, 2048), nn.Linear(2048, 512)
+        self.register_buffer("delay", torch.full((), 30.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(float(self.delay))
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_closing_while_a_snapshot_is_in_flight_is_silent(empty_pool, thread_errors, capfd):
+    model = LargeSleepyNet()
+    for _ in range(3):
+        worker = ReferenceWorker(model, ["up", "down"], torch.randn(4, 512), timeout_s=60.0)
+        assert worker.submit(model, step=0)  # queued behind the model while the child starts
+        pid = worker.pid
+        worker.close()  # the job cannot finish within the grace: the child is stopped
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert thread_errors == []
+    assert "Error" not in capfd.readouterr().err

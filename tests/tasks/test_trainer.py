@@ -2,33 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import textwrap
-
 import pytest
 import torch
 
 from freeze_agent import LinearPrefix, Mode, NoFreeze, Trainer, list_tasks, load_task, make_policy
-from freeze_agent.cli import main
 from freeze_agent.tasks.data import DatasetUnavailableError
-
-TINY = """
-description: tiny CNN on the 8x8 digits
-dataset: {name: digits, n_train: 384, n_val: 128, n_test: 128}
-model: {family: cnn2d, depth: 3, channels: 8}
-optimizer: {name: adamw, lr: 1.0e-2, weight_decay: 1.0e-4}
-schedule: {name: cosine}
-batch_size: 32
-epochs: 2
-decisions: 6
-"""
-
-
-@pytest.fixture
-def tiny_task(tmp_path):
-    path = tmp_path / "tiny-digits.yaml"
-    path.write_text(textwrap.dedent(TINY))
-    return load_task(path)
 
 
 def test_same_seed_same_decisions_same_losses(tiny_task):
@@ -91,35 +69,7 @@ def test_linear_prefix_schedule():
         LinearPrefix(1.5)
 
 
-def test_cli_run_writes_json(tiny_task, tmp_path, capsys):
-    out = tmp_path / "run.json"
-    code = main(["run", str(tiny_task.path), "--policy", "linear-prefix:0.2", "--json", str(out)])
-    assert code == 0
-    payload = json.loads(out.read_text())
-    assert payload["task"] == "tiny-digits" and payload["policy"] == "linear-prefix:0.2"
-    assert {"wall_time", "modeled_cost_ratio", "val_accuracy", "test_accuracy", "timeline"} <= set(
-        payload
-    )
-    printed = capsys.readouterr().out
-    assert "test accuracy" in printed and "mode timeline" in printed
-
-
-def test_cli_profile_reports_every_depth(tiny_task, tmp_path):
-    out = tmp_path / "profile.json"
-    code = main(["profile", str(tiny_task.path), "--repetitions", "2", "--json", str(out)])
-    assert code == 0
-    payload = json.loads(out.read_text())
-    depths = payload["depths"]
-    assert [d["frozen_units"] for d in depths] == list(range(len(payload["units"])))
-    assert depths[0]["measured_ratio"] == 1.0 and depths[0]["modeled_ratio"] == 1.0
-    assert all(0 < d["modeled_ratio"] <= 1 for d in depths)
-
-
-def test_cli_bad_input_is_a_clear_error(capsys):
-    assert main(["run", "no-such-task"]) == 2
-    assert "no task named 'no-such-task'" in capsys.readouterr().out
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("task", [t.name for t in list_tasks()])
 def test_every_shipped_task_trains_under_each_mode(task):
     """Each task's data loads, its model partitions, and it trains in TRAIN, LOCAL and FROZEN."""
@@ -148,3 +98,12 @@ def test_cache_hits_lower_the_modeled_cost_and_keep_the_losses(tiny_task):
     assert runs[True].cache.hits > 0 and runs[False].cache.hits == 0
     torch.testing.assert_close(runs[True].losses, runs[False].losses)
     assert sum(runs[True].step_costs) < sum(runs[False].step_costs)
+
+
+@pytest.mark.parametrize(
+    "options", [{"epochs": 0}, {"epochs": -1}, {"decisions": 0}, {"seed": -1}, {"max_units": 0}]
+)
+def test_zero_or_negative_budgets_and_seeds_are_refused(tiny_task, options):
+    name = next(iter(options))
+    with pytest.raises(ValueError, match=f"{name} must be an integer >= "):
+        Trainer(tiny_task, **options)
