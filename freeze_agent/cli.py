@@ -1,4 +1,5 @@
-"""The ``freeze-agent`` command line: list tasks, train one under a policy, profile it."""
+"""The ``freeze-agent`` command line: ``envs``, ``run``, ``train``, ``evaluate``, ``profile``,
+``overhead`` and ``train-predictor`` (``freeze-agent COMMAND --help``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from rich.console import Console
@@ -18,6 +19,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from freeze_agent.tasks.spec import DEFAULT_TASK, list_tasks, load_task
+
+if TYPE_CHECKING:
+    from freeze_agent.rl.training import TrainConfig
 
 console = Console()
 _MODE_STYLE = {"T": "green", "L": "yellow", "F": "blue"}
@@ -229,6 +233,10 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count_of(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"),
@@ -255,7 +263,7 @@ def _print_run(result) -> None:
         summary.add_row(
             "observations with plasticity",
             f"{100 * signals['plasticity_fraction']:.0f}% of {signals['observations']}; "
-            f"waited for the reference {signals['reference_waits']} times "
+            f"{_count_of(signals['reference_waits'], 'wait')} for a late reference result "
             f"({signals['reference_wait_seconds']:.2f} s)",
         )
     if result.diverged:
@@ -363,7 +371,7 @@ def _overhead(args: argparse.Namespace) -> int:
     table.add_row("  of which observe()", f"{result.observe_seconds:.2f} s")
     with_plasticity = f"{result.intervals_with_plasticity} of {result.intervals}"
     table.add_row("  observations with plasticity", with_plasticity)
-    waits = f"{result.reference_waits} ({result.reference_wait_seconds:.2f} s)"
+    waits = f"{_count_of(result.reference_waits, 'wait')}, {result.reference_wait_seconds:.2f} s"
     table.add_row("  waits for a late reference result", waits)
     table.add_row("training without", f"{result.seconds_without:.2f} s")
     table.add_row("ratio", f"{result.ratio:.3f}  ({100 * (result.ratio - 1):+.1f}%)")
@@ -403,7 +411,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, **options)
 
 
-def _config_from_args(args: argparse.Namespace):
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The ``TrainConfig`` the options of ``_add_config_options`` describe."""
     from freeze_agent.rl.training import TrainConfig
 

@@ -72,8 +72,9 @@ class ValidationCallback(EventCallback):
         result = evaluate(self._env, LearnedPolicy(model.policy, name="validation"))
         self.last_evaluation, self.evaluated_at = result, model.num_timesteps
         means = result.to_dict()["means"]
-        for key, value in means.items():
-            self.logger.record(f"eval/{key}", value)
+        if getattr(model, "_logger", None) is not None:  # none before the first learn()
+            for key, value in means.items():
+                self.logger.record(f"eval/{key}", value)
         if self.verbose:
             print(
                 f"validation at {model.num_timesteps} timesteps: "

@@ -153,3 +153,11 @@ def test_two_environment_processes_with_the_reference_worker_train_a_policy(tmp_
     assert load_card(out)["timesteps"] == 8
     episodes = read_episodes(out / "checkpoints" / "episodes.jsonl")
     assert len(episodes) == 4 and {e["task"] for e in episodes} == {"digits-cnn2d"}
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_only_validates_it(tmp_path):
+    out = train(tiny_config(timesteps=8), tmp_path / "policy", use_wandb=False, progress_bar=False)
+    train(tiny_config(), out, resume=True, use_wandb=False, progress_bar=False)
+    assert latest_checkpoint(out / "checkpoints").name == "ppo_8_steps.zip"
+    assert load_card(out)["timesteps"] == 8
