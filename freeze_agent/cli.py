@@ -84,13 +84,17 @@ def _parser() -> argparse.ArgumentParser:
     envs = commands.add_parser("envs", help="list the training tasks in envs/")
     envs.set_defaults(handler=_envs)
 
+    policies = commands.add_parser("policies", help="list the policies --policy accepts")
+    policies.set_defaults(handler=_policies)
+
     run = commands.add_parser("run", help="train a task under a freeze policy")
     run.add_argument("task", nargs="?", default=DEFAULT_TASK, help="task name or YAML path")
     run.add_argument(
         "--policy",
         default="default",
-        help="a trained policy's folder or the name of one in policies/, or a baseline: "
-        "none | linear-prefix[:START] (default: %(default)s, the shipped policy)",
+        help="a trained policy's folder, the name of one in policies/, or a registered policy "
+        "with its arguments (freeze-agent policies lists them; default: %(default)s, the "
+        "shipped policy)",
     )
     run.add_argument("--seed", type=_seed, default=0)
     run.add_argument("--epochs", type=_count, default=None, help="override the task's epoch budget")
@@ -200,6 +204,29 @@ def _envs(_args: argparse.Namespace) -> int:
             units,
             str(task.epochs),
         )
+    _show(table)
+    return 0
+
+
+def _policies(_args: argparse.Namespace) -> int:
+    import inspect
+
+    from freeze_agent.policies.base import registered_policies
+    from freeze_agent.policies.registry import shipped_policies
+
+    table = Table(title="policies (--policy NAME or NAME:ARGS, e.g. egeria:window=30)")
+    for column in ("policy", "parameters (defaults)", "what it does"):
+        table.add_column(column)
+    for name in shipped_policies():
+        table.add_row(name, "", f"trained policy shipped in policies/{name}/")
+    for name, cls in registered_policies(aliases=False).items():
+        parameters = [
+            f"{p.name}={p.default:.4g}" if isinstance(p.default, float) else f"{p.name}={p.default}"
+            for p in inspect.signature(cls.__init__).parameters.values()
+            if p.name != "self" and p.default is not inspect.Parameter.empty
+        ]
+        aliases = f" (also {', '.join(cls.aliases)})" if cls.aliases else ""
+        table.add_row(name + aliases, ", ".join(parameters), cls.summary().replace("``", "`"))
     _show(table)
     return 0
 

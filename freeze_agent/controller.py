@@ -8,6 +8,7 @@ environment and a user's own training loop all drive the same object.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -94,6 +95,9 @@ class FreezeController:
         self.builder = ObservationBuilder(self.units, max_units, total_steps)
         self._interval_loss_sum, self._interval_loss_count = 0.0, 0
         self.interval_losses: list[float] = []
+        self._lr_scales: list[float] | None = None
+        self._scale_hooks: tuple[RemovableHandle, RemovableHandle] | None = None
+        self._before: dict[torch.Tensor, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ modes
 
@@ -114,6 +118,52 @@ class FreezeController:
             self._mode_since[unit.index] = self.steps
         self._modes = new
         return self.modes
+
+    def set_learning_rate_scales(self, scales: Sequence[float] | None) -> None:
+        """Multiply each unit's learning rate by its scale from the next optimizer step on (None
+        or all 1: plain steps again), as FreezeOut's per-unit schedules need.
+
+        The controller scales the update each optimizer step makes to the unit's parameters:
+        ``p <- p_before + scale * (p_after - p_before)``. SGD (with momentum and weight decay),
+        Adam and AdamW all take steps linear in the learning rate, so this is exactly a per-unit
+        learning rate, for any optimizer the user built and whatever its schedule, without
+        touching its parameter groups.
+        """
+        if scales is not None and len(scales) != len(self.units):
+            raise ValueError(f"got {len(scales)} learning-rate scales for {len(self.units)} units")
+        if scales is None or all(s == 1.0 for s in scales):
+            self._lr_scales = None
+            return
+        if any(not math.isfinite(s) or s < 0 for s in scales):
+            raise ValueError(f"learning-rate scales must be finite and >= 0, got {list(scales)}")
+        self._lr_scales = [float(s) for s in scales]
+        if self._scale_hooks is None:
+            self._scale_hooks = (
+                self.optimizer.register_step_pre_hook(self._before_step),
+                self.optimizer.register_step_post_hook(self._after_step),
+            )
+
+    def _before_step(self, _optimizer: torch.optim.Optimizer, _args, _kwargs) -> None:
+        self._before = {}
+        if self._lr_scales is None:
+            return
+        for unit, scale in zip(self.units, self._lr_scales, strict=True):
+            if scale != 1.0 and self._modes[unit.index] is Mode.TRAIN:
+                for p in unit.parameters():
+                    self._before[p] = p.detach().clone()
+
+    @torch.no_grad()
+    def _after_step(self, _optimizer: torch.optim.Optimizer, _args, _kwargs) -> None:
+        if not self._before:
+            return
+        scale_of = {
+            p: scale
+            for unit, scale in zip(self.units, self._lr_scales or [], strict=False)
+            for p in unit.parameters()
+        }
+        for p, before in self._before.items():
+            p.lerp_(before, 1.0 - scale_of[p])  # before + scale * (after - before)
+        self._before = {}
 
     def _enter(self, unit: Unit, mode: Mode) -> None:
         if mode is Mode.TRAIN:
@@ -229,6 +279,11 @@ class FreezeController:
     def close(self) -> None:
         """Return every unit to TRAIN, remove all hooks and stop the reference worker."""
         self.set_modes([Mode.TRAIN] * len(self.units))
+        self.set_learning_rate_scales(None)
+        if self._scale_hooks is not None:
+            for handle in self._scale_hooks:
+                handle.remove()
+            self._scale_hooks = None
         if self.plasticity is not None:
             self.plasticity.close()
             self.plasticity = None

@@ -82,3 +82,37 @@ def tiny_config(**overrides) -> TrainConfig:
         "wandb_project": None,
     }
     return TrainConfig(**{**settings, **overrides})
+
+
+def synthetic_observation(
+    n_units: int,
+    *,
+    progress: float = 0.5,
+    lr_ratio: float = 1.0,
+    frozen: int = 0,
+    max_units: int = 32,
+    **columns,
+) -> dict:
+    """An observation of ``n_units`` units with the given per-unit feature ``columns`` (a list or
+    a scalar per feature name), ``frozen`` units FROZEN from the front, the rest TRAIN; every
+    measured signal present unless its ``*_missing`` column says otherwise."""
+    import numpy as np
+
+    from freeze_agent.core.modes import Mode
+    from freeze_agent.signals.observation import GLOBAL_FEATURES, UNIT_FEATURES
+
+    units = np.zeros((max_units, len(UNIT_FEATURES)), dtype=np.float32)
+    column = UNIT_FEATURES.index
+    units[:n_units, column("relative_depth")] = np.linspace(0, 1, n_units)
+    units[n_units - 1, column("is_head")] = 1.0
+    for i in range(n_units):
+        mode = Mode.FROZEN if i < frozen else Mode.TRAIN
+        units[i, column(f"mode_{mode.name.lower()}")] = 1.0
+    for name, values in columns.items():
+        units[:n_units, column(name)] = values
+    mask = np.zeros(max_units, dtype=np.int8)
+    mask[:n_units] = 1
+    global_vector = np.zeros(len(GLOBAL_FEATURES), dtype=np.float32)
+    global_vector[GLOBAL_FEATURES.index("progress")] = progress
+    global_vector[GLOBAL_FEATURES.index("lr_ratio")] = lr_ratio
+    return {"units": units, "mask": mask, "global": global_vector}

@@ -29,7 +29,7 @@ def test_cli_run_writes_json(tiny_task, tmp_path, capsys):
     code = main(["run", str(tiny_task.path), "--policy", "linear-prefix:0.2", "--json", str(out)])
     assert code == 0
     payload = json.loads(out.read_text())
-    assert payload["task"] == "tiny-digits" and payload["policy"] == "linear-prefix:0.2"
+    assert payload["task"] == "tiny-digits" and payload["policy"] == "linear:0.2"
     assert {"wall_time", "modeled_cost_ratio", "val_accuracy", "test_accuracy", "timeline"} <= set(
         payload
     )
@@ -146,3 +146,13 @@ def test_a_fresh_process_has_plasticity_in_most_decisions(tiny_task, tmp_path):
     signals = json.loads(out.read_text())["signals"]
     assert signals["observations"] == 8  # 24 steps in intervals of 3
     assert signals["plasticity_fraction"] == 7 / 8  # all but the first, whatever the load
+
+
+def test_policies_lists_every_registered_policy_with_its_parameters(narrow):
+    from freeze_agent.policies.base import registered_policies
+
+    assert main(["policies"]) == 0
+    lines = narrow.export_text().splitlines()
+    for name in [*registered_policies(aliases=False), "default"]:
+        assert any(line.startswith(f"│ {name} ") for line in lines), name
+    assert any("window=20, tolerance=0.0001" in line for line in lines)

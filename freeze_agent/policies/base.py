@@ -42,18 +42,26 @@ class Policy(ABC):
 
     name: str = "policy"
     registry_name: ClassVar[str | None] = None
+    aliases: ClassVar[tuple[str, ...]] = ()  # other names that reach the same class
     privileged: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         name = cls.__dict__.get("registry_name")
         if name is not None:
-            if name in _REGISTRY and _REGISTRY[name] is not cls:
-                raise ValueError(f"two policies register the name {name!r}")
-            _REGISTRY[name] = cls
+            for key in (name, *cls.__dict__.get("aliases", ())):
+                if key in _REGISTRY and _REGISTRY[key] is not cls:
+                    raise ValueError(f"two policies register the name {key!r}")
+                _REGISTRY[key] = cls
 
     @abstractmethod
     def decide(self, observation: Observation) -> list[Mode]: ...
+
+    def learning_rate_scales(self) -> list[float] | None:
+        """Per-unit multipliers of the learning rate that go with the last ``decide`` (None:
+        all 1). The controller applies them (``FreezeController.set_learning_rate_scales``);
+        only a policy whose rule is also a learning-rate schedule (FreezeOut) needs this."""
+        return None
 
     def reset(self, reference: ReferenceRun | None = None) -> None:
         """Forget any state kept from a previous run.
@@ -70,8 +78,9 @@ class Policy(ABC):
 
     @classmethod
     def summary(cls) -> str:
-        """The first line of the class docstring: what ``freeze-agent`` lists for the policy."""
-        return (inspect.getdoc(cls) or "").split("\n", 1)[0]
+        """The class docstring's first paragraph on one line: what ``freeze-agent policies``
+        lists."""
+        return " ".join((inspect.getdoc(cls) or "").split("\n\n", 1)[0].split())
 
     @classmethod
     def from_arguments(cls, arguments: str = "") -> Policy:
@@ -84,10 +93,12 @@ class Policy(ABC):
 _REGISTRY: dict[str, type[Policy]] = {}
 
 
-def registered_policies() -> dict[str, type[Policy]]:
-    """Every registered policy class by name (import ``freeze_agent.policies.registry`` first
-    so that every method family has registered)."""
-    return dict(sorted(_REGISTRY.items()))
+def registered_policies(*, aliases: bool = True) -> dict[str, type[Policy]]:
+    """Every registered policy class by name, aliases included unless ``aliases=False`` (import
+    ``freeze_agent.policies.registry`` first so that every method family has registered)."""
+    return {
+        name: cls for name, cls in sorted(_REGISTRY.items()) if aliases or name == cls.registry_name
+    }
 
 
 def parse_arguments(cls: type[Policy], arguments: str) -> dict[str, Any]:

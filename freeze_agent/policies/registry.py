@@ -11,12 +11,33 @@ from __future__ import annotations
 from pathlib import Path
 
 from freeze_agent.core.resources import POLICIES_DIR
-from freeze_agent.policies import schedules, teacher
+from freeze_agent.policies import (
+    autofreeze,
+    egeria,
+    freezeout,
+    localsgd,
+    oracle,
+    random_prefix,
+    schedules,
+    smartfrz,
+    teacher,
+)
 from freeze_agent.policies.artifact import CARD_FILE
 from freeze_agent.policies.base import Policy, registered_policies
 from freeze_agent.policies.learned import LearnedPolicy
 
-METHOD_FAMILIES = (schedules, teacher)  # the modules whose classes register a name
+# the modules whose classes register a name: one per method family
+METHOD_FAMILIES = (
+    schedules,
+    freezeout,
+    autofreeze,
+    egeria,
+    smartfrz,
+    localsgd,
+    random_prefix,
+    oracle,
+    teacher,
+)
 
 
 def shipped_policies() -> list[str]:
@@ -35,6 +56,7 @@ def make_policy(spec: str) -> Policy:
         raise ValueError(
             f"unknown policy {spec!r}: not a policy folder (no {CARD_FILE} there) nor a "
             f"registered policy; choose a folder, one of the shipped policies "
-            f"({', '.join(shipped_policies()) or 'none yet'}) or one of {', '.join(registry)}"
+            f"({', '.join(shipped_policies()) or 'none yet'}) or one of "
+            f"{', '.join(registered_policies(aliases=False))} (`freeze-agent policies`)"
         )
     return registry[name].from_arguments(arguments)

@@ -18,8 +18,7 @@ from freeze_agent.policies.schedules import LinearPrefix, prefix_modes
 
 
 class PlateauTeacher(Policy):
-    """Freezes a growing prefix once the all-TRAIN reference run's validation loss plateaus
-    (privileged).
+    """The plateau teacher: a frozen prefix once the reference's loss plateaus (privileged).
 
     The plateau is the first interval after which the reference's validation loss is within
     ``tolerance`` of its best, as a fraction of its improvement over the run:

@@ -37,6 +37,8 @@ def play_episode(
     policy.reset(env.reference if policy.privileged else None)
     while True:
         action = action_of(policy.decide(observation), env.max_units)
+        # a rule that is also a learning-rate schedule (FreezeOut): the env's controller applies it
+        env.trainer.controller.set_learning_rate_scales(policy.learning_rate_scales())
         observation, _, terminated, truncated, info = env.step(action)
         if terminated or truncated:
             return info["episode_summary"]

@@ -289,6 +289,7 @@ class Trainer:
         while not self.done:
             modes = policy.decide(self.controller.observe())
             applied = self.set_modes(modes)
+            self.controller.set_learning_rate_scales(policy.learning_rate_scales())
             timeline.append(
                 {
                     "step": self.step,

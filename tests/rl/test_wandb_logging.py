@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -262,7 +263,19 @@ def read_wandb_records(path: Path) -> list[Any]:
     return records
 
 
-def history_rows(path: Path) -> list[dict[str, Any]]:
+def history_rows(path: Path, *, expected: int = 0, timeout_s: float = 60.0) -> list[dict[str, Any]]:
+    """The history rows of a ``.wandb`` file. wandb's service may still be writing the file when
+    ``run.finish()`` returns on a busy machine: wait (up to ``timeout_s``) for ``expected``
+    rows."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = _history_rows(path)
+        if len(rows) >= expected or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
+
+
+def _history_rows(path: Path) -> list[dict[str, Any]]:
     rows = []
     for record in read_wandb_records(path):
         if record.WhichOneof("record_type") == "history":
@@ -306,7 +319,7 @@ def test_offline_run_holds_ppo_and_episode_logs(no_credentials, monkeypatch, cap
     assert len(files) == 1
     assert wl.load_run_id(tmp_path / "ckpt") == run.id
 
-    rows = history_rows(files[0])
+    rows = history_rows(files[0], expected=callback.episodes_logged + 2)  # + 2 PPO rows
     episodes = [r for r in rows if "episode/return" in r]
     assert len(episodes) == callback.episodes_logged
     assert all(r["episode/cartpole/return"] == r["episode/return"] > 0 for r in episodes)
@@ -347,7 +360,7 @@ def test_freeze_agent_train_logs_episodes_and_validation_offline(
 
     run_id = json.loads((out / "checkpoints" / "train_config.json").read_text())["wandb_run_id"]
     (folder,) = (tmp_path / "wandb_dir" / "wandb").glob(f"offline-run-*-{run_id}")
-    rows = history_rows(next(folder.glob("*.wandb")))
+    rows = history_rows(next(folder.glob("*.wandb")), expected=4)
     episodes = [r for r in rows if "episode/return" in r]
     assert len(episodes) == 4  # 8 decisions, 2 per episode
     assert all("episode/tiny-digits/return" in r for r in episodes)
