@@ -157,6 +157,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.set_defaults(handler=_evaluate)
 
+    bench = commands.add_parser(
+        "bench",
+        help="policies side by side on the same tasks and seeds, interleaved; resumable",
+        description="Run every policy on every task and seed: per (task, seed) a round with "
+        "`none` first and last and the others in between, speedups measured against the "
+        "round's `none` runs. Rerunning the same command redoes only the missing runs.",
+    )
+    bench.add_argument(
+        "--tasks", nargs="+", default=["heldout"], help="split names, folders, YAML or task names"
+    )
+    bench.add_argument(
+        "--policies",
+        default="default,none,linear,freezeout,autofreeze,egeria,smartfrz,localsgd-dynamic,oracle",
+        help="comma-separated policy specs (default: %(default)s)",
+    )
+    bench.add_argument("--seeds", nargs="+", type=_seed, default=[0, 1, 2])
+    bench.add_argument("--out", type=Path, required=True, help="results folder (resumable)")
+    bench.add_argument("--epochs", type=_count, default=None, help="override every task's budget")
+    bench.add_argument(
+        "--tolerance-pp", type=float, default=0.5, help="accuracy loss counted as none (pp)"
+    )
+    bench.set_defaults(handler=_bench)
+
     predictor = commands.add_parser(
         "train-predictor",
         help="train SmartFRZ's attention predictor on full-training runs (CKA labels)",
@@ -565,6 +588,68 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.update_card:
         report.record_in_card()
         console.print(f"recorded in {report.policy}/policy.json")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from rich.progress import TimeRemainingColumn
+
+    from freeze_agent.bench.benchmark import Bench
+    from freeze_agent.bench.report import PLOTS, write_report
+
+    bench = Bench(
+        tasks=args.tasks,
+        policies=[p.strip() for p in args.policies.split(",") if p.strip()],
+        seeds=args.seeds,
+        out=args.out,
+        epochs=args.epochs,
+        tolerance_pp=args.tolerance_pp,
+    )
+    plan, done = bench.plan(), len(bench.finished())
+    console.print(f"{len(plan)} runs ({done} already finished in {args.out})")
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
+    )
+    with progress:
+        bar = progress.add_task("bench", total=len(plan), completed=done, status="")
+
+        def advance(run, skipped: bool) -> None:
+            if not skipped:
+                status = f"{run.task.name} seed {run.seed} {run.policy}"
+                progress.update(bar, advance=1, status=status)
+
+        records = bench.run(on_run=advance)
+    command = "freeze-agent " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""
+    tables = write_report(records, args.out, tolerance_pp=args.tolerance_pp, command=command)
+    table = Table(title=f"policies over {len(bench.resolved)} tasks x {len(args.seeds)} seeds")
+    for column in (
+        "policy",
+        "geomean measured",
+        "modeled",
+        "worst Δpp",
+        "within tol.",
+        "of oracle",
+    ):
+        table.add_column(column, justify="right")
+    for row in tables["policies"]:
+        of_oracle = row["of_oracle"]
+        table.add_row(
+            row["policy"],
+            f"{row['geomean_measured_speedup']:.2f}x",
+            f"{row['geomean_modeled_speedup']:.2f}x",
+            f"{row['worst_change_pp']:+.2f}",
+            f"{row['tasks_within_tolerance']} of {row['tasks']}",
+            "-" if of_oracle is None else f"{of_oracle:.0%}",
+        )
+    _show(table)
+    written = ", ".join(["results.json", "results.csv", "summary.md", *PLOTS])
+    console.print(f"wrote {written} in {args.out}")
     return 0
 
 
