@@ -6,7 +6,8 @@ speedups are training-time ratios against the mean of the round's two ``none`` r
 change of machine load during the round cancels. One warm-up run per process comes before
 anything is timed. Each finished run is stored in ``OUT/runs/``; running the same command again
 after an interruption skips them and does only the missing ones. The oracle's schedule is
-searched once per task (``freeze_agent.bench.oracle``) before its runs.
+searched once per task (``freeze_agent.bench.oracle``) before its runs and kept in
+``OUT/oracle/``.
 """
 
 from __future__ import annotations
@@ -131,7 +132,12 @@ class Bench:
         if planned.policy != ORACLE:
             return make_policy(planned.policy)
         if planned.task.name not in oracles:
-            found = search_oracle(planned.task, tolerance_pp=self.tolerance_pp, epochs=self.epochs)
+            found = search_oracle(
+                planned.task,
+                tolerance_pp=self.tolerance_pp,
+                epochs=self.epochs,
+                cache=self.out / "oracle",  # with the runs: a resumed bench finds it there
+            )
             oracles[planned.task.name] = oracle_policy(found)
         return oracles[planned.task.name]
 
