@@ -16,7 +16,7 @@ import numpy as np
 
 from freeze_agent.bench.summary import per_policy, per_run, per_task
 from freeze_agent.core.modes import Mode
-from freeze_agent.rl.wandb_logging import MODE_COLORS, timeline_matrix
+from freeze_agent.rl.wandb_logging import MODE_COLORS, draw_modes, timeline_matrix
 
 PLOTS = ("speedup_vs_accuracy.png", "time_to_accuracy.png", "timelines.png")
 
@@ -155,7 +155,6 @@ def _plot_time_to_accuracy(records: Sequence[dict[str, Any]], path: Path) -> Non
 
 
 def _plot_timelines(records: Sequence[dict[str, Any]], path: Path) -> None:
-    from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
     shown = sorted(
@@ -163,25 +162,15 @@ def _plot_timelines(records: Sequence[dict[str, Any]], path: Path) -> None:
         key=lambda r: (r["task"], r["policy_spec"]),
     )
     fig, axes = _figure(max(len(shown), 1), width=3.6, height=2.4)
-    modes = list(Mode)
-    cmap = ListedColormap([MODE_COLORS[m] for m in modes])
     for ax, run in zip(axes, shown, strict=False):
         names = [u["name"] for u in run["units"]]
-        matrix = timeline_matrix(names, [entry["modes"] for entry in run["timeline"]])
-        ax.imshow(
-            matrix,
-            cmap=cmap,
-            vmin=-0.5,
-            vmax=len(modes) - 0.5,
-            aspect="auto",
-            interpolation="nearest",
-        )
+        draw_modes(ax, timeline_matrix(names, [entry["modes"] for entry in run["timeline"]]))
         step = max(1, -(-len(names) // 12))  # at most ~12 unit labels
         ax.set_yticks(range(0, len(names), step), names[::step])
         ax.set_title(f"{run['task']}: {run['policy_spec']}", fontsize=8)
         ax.set_xlabel("decision", fontsize=7)
         ax.set_ylabel("unit", fontsize=7)
         ax.tick_params(labelsize=6)
-    handles = [Patch(facecolor=MODE_COLORS[m], label=m.name) for m in modes]
+    handles = [Patch(facecolor=MODE_COLORS[m], label=m.name) for m in Mode]
     fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
     fig.savefig(path)

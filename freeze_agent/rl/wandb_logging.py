@@ -302,6 +302,22 @@ def timeline_matrix(unit_names: Sequence[str], timeline: Sequence[str]) -> np.nd
     return matrix
 
 
+def draw_modes(ax: Any, matrix: np.ndarray) -> None:
+    """Draw a ``timeline_matrix`` on ``ax``: units down, decisions across, one color per mode."""
+    from matplotlib.colors import ListedColormap
+
+    cmap = ListedColormap([MODE_COLORS[m] for m in Mode])
+    ax.imshow(
+        matrix,
+        cmap=cmap,
+        vmin=-0.5,
+        vmax=len(Mode) - 0.5,
+        aspect="auto",
+        interpolation="nearest",
+        origin="upper",
+    )
+
+
 def plot_timeline(unit_names: Sequence[str], timeline: Sequence[str], title: str = "") -> Figure:
     """Draw an episode's modes: units on the y axis (unit 0 at the top), decisions on the x
     axis, one color per mode, with a legend.
@@ -310,7 +326,6 @@ def plot_timeline(unit_names: Sequence[str], timeline: Sequence[str], title: str
     touches the user's backend nor registers the figure anywhere (nothing to close).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
@@ -322,16 +337,7 @@ def plot_timeline(unit_names: Sequence[str], timeline: Sequence[str], title: str
     ax = fig.add_subplot()
     modes = list(Mode)
     if n_decisions and n_units:
-        cmap = ListedColormap([MODE_COLORS[m] for m in modes])
-        ax.imshow(
-            matrix,
-            cmap=cmap,
-            vmin=-0.5,
-            vmax=len(modes) - 0.5,
-            aspect="auto",
-            interpolation="nearest",
-            origin="upper",
-        )
+        draw_modes(ax, matrix)
     else:
         ax.text(0.5, 0.5, "no decisions", ha="center", va="center", transform=ax.transAxes)
     step = max(1, -(-n_units // 40))  # at most ~40 unit labels
