@@ -98,6 +98,12 @@ def _figure(n_panels: int, width: float = 4.2, height: float = 3.4):
     return fig, axes
 
 
+def _save(fig, path: Path, handles: Sequence[Any], labels: Sequence[str]) -> None:
+    """One legend for the whole figure, right of the panels, then the PNG."""
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False)
+    fig.savefig(path)
+
+
 def _plot_speedup_vs_accuracy(tasks: Sequence[dict[str, Any]], tolerance_pp: float, path: Path):
     names = sorted({row["task"] for row in tasks})
     policies = sorted({row["policy"] for row in tasks})
@@ -131,9 +137,7 @@ def _plot_speedup_vs_accuracy(tasks: Sequence[dict[str, Any]], tolerance_pp: flo
         ax.set_title(task, fontsize=10)
         ax.set_xlabel("test accuracy change vs none (pp)")
         ax.set_ylabel("measured speedup (median, range)")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False)
-    fig.savefig(path)
+    _save(fig, path, *axes[0].get_legend_handles_labels())
 
 
 def _plot_time_to_accuracy(records: Sequence[dict[str, Any]], path: Path) -> None:
@@ -149,9 +153,7 @@ def _plot_time_to_accuracy(records: Sequence[dict[str, Any]], path: Path) -> Non
         ax.set_title(f"{task} (seed {seed})", fontsize=10)
         ax.set_xlabel("training time (s)")
         ax.set_ylabel("validation accuracy (%)")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False)
-    fig.savefig(path)
+    _save(fig, path, *axes[0].get_legend_handles_labels())
 
 
 def _plot_timelines(records: Sequence[dict[str, Any]], path: Path) -> None:
@@ -171,6 +173,4 @@ def _plot_timelines(records: Sequence[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("decision", fontsize=7)
         ax.set_ylabel("unit", fontsize=7)
         ax.tick_params(labelsize=6)
-    handles = [Patch(facecolor=MODE_COLORS[m], label=m.name) for m in Mode]
-    fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
-    fig.savefig(path)
+    _save(fig, path, [Patch(facecolor=MODE_COLORS[m]) for m in Mode], [m.name for m in Mode])
