@@ -12,26 +12,41 @@ How blocks are recognized:
   own, so its items are the natural blocks);
 * an ``nn.Sequential`` is split when it holds composite blocks (a stage of residual blocks), and
   kept whole when it holds plain layers (``Sequential(conv, bn, relu)`` is one block);
-* any other module is split when somewhere below it lies a list of composite blocks (a
-  ``BertModel`` holds ``encoder.layer``; a ResNet holds ``layer1``...), and kept whole otherwise;
-* a block made only of normalization layers joins the block executed before it.
+* any other module is split when somewhere below it lies a list of blocks, items that hold two
+  or more weight layers each (a ``BertModel`` holds ``encoder.layer``; a ResNet stage holds its
+  residual layers), and kept whole otherwise: a residual block whose body is a ``Sequential``
+  of single conv layers (Hugging Face's ResNet layer, torchvision's inverted residual) is one
+  block, and so is a stage of a single layer;
+* a module whose own forward never runs while its sub-modules' do (a ``Sequential`` or
+  ``ModuleDict`` that its parent iterates) is a mere container and is split too.
+
+Blocks then group into units: a block made only of normalization layers (torch's or a custom
+``...Norm``) joins the block executed before it, or after it when it is a pre-norm at the head of
+a list; a block that returns no per-sample tensor (a position-embedding table) joins the
+embedding lookup before it or else the block that reads it.
 
 If that leaves a single block (a model with no structure to speak of), the partition falls back
 to the model's parameter-bearing leaf modules. When there are more blocks than ``max_units``,
 adjacent blocks are merged into groups of balanced compute; the head always stays alone.
+
+A parameter that several units use (tied weights: GPT-2's token embedding is its LM head's
+weight) belongs to the last of them in execution order; the units before it record the tie in
+``Unit.tied_to``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from itertools import chain
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.module_tracker import ModuleTracker
 
 ModelInput = torch.Tensor | tuple[Any, ...] | Mapping[str, Any]
 
@@ -78,7 +93,9 @@ class Unit:
     modules: tuple[nn.Module, ...]
     module_names: tuple[str, ...]
     exit_module: nn.Module
-    """The unit's last executed module: its output is the unit's output."""
+    """The unit's last executed module: its output is the unit's output. (A unit that ends with
+    a position table added to its embedding lookup's output is the exception: the sum is made
+    outside any module, so that unit is no cut point.)"""
     extra_parameters: tuple[nn.Parameter, ...]
     num_params: int
     kind: UnitKind
@@ -106,13 +123,24 @@ class Unit:
     output_bytes: float = 0.0
     """Per-sample bytes of the unit's output (what the activation cache stores and reads back)."""
     num_param_tensors: int = 0
-    """Parameter tensors of the unit (the optimizer's per-tensor work)."""
+    """Parameter tensors the unit owns (the optimizer's per-tensor work)."""
+    tied_to: tuple[int, ...] = ()
+    """Indices of the later units that own parameters this unit's modules also use (tied
+    weights: GPT-2's token embedding is its LM head's weight); empty normally. Such a unit's
+    output keeps changing while its owners train, even with the unit frozen, so it must never be
+    served from the activation cache, and it cannot learn by the local rule (``supports_local``
+    is False)."""
+    borrowed_parameters: tuple[nn.Parameter, ...] = ()
+    """The parameters of this unit's modules that those later units own (left out of
+    ``parameters()`` and ``num_params``)."""
 
     def parameters(self) -> Iterator[nn.Parameter]:
-        """All parameters owned by this unit (each model parameter belongs to exactly one unit)."""
-        for module in self.modules:
-            yield from module.parameters()
-        yield from self.extra_parameters
+        """The parameters this unit owns, each once: its modules' and its extra ones, less the
+        borrowed ones. Each model parameter belongs to exactly one unit, so freezing a unit
+        freezes exactly what it owns."""
+        borrowed = {id(p) for p in self.borrowed_parameters}
+        params = chain((p for m in self.modules for p in m.parameters()), self.extra_parameters)
+        yield from (p for p in _distinct(params) if id(p) not in borrowed)
 
     @property
     def flops_train(self) -> float:
@@ -124,6 +152,11 @@ class Unit:
             f"Unit({self.index}, {self.name!r}, kind={self.kind.value}, params={self.num_params}, "
             f"fwd={self.flops_forward:.3g}, cut={self.is_cut_point}, local={self.supports_local})"
         )
+
+
+def _distinct(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    """``params`` in order, each once (a module may be reached twice, a weight may be tied)."""
+    return list({id(p): p for p in params}.values())
 
 
 # --------------------------------------------------------------------------- running a model
@@ -196,6 +229,10 @@ def _has_params(module: nn.Module) -> bool:
     return next(module.parameters(), None) is not None
 
 
+def _owns_params(module: nn.Module) -> bool:
+    return next(module.parameters(recurse=False), None) is not None
+
+
 def _param_children(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, c) for n, c in module.named_children() if _has_params(c)]
 
@@ -205,44 +242,77 @@ def _is_composite(module: nn.Module) -> bool:
     return bool(_param_children(module))
 
 
-def _is_block_list(module: nn.Module) -> bool:
-    children = [c for _, c in _param_children(module)]
+def _is_norm(module: nn.Module) -> bool:
+    """A normalization layer: a torch one, or a custom one such as ``LlamaRMSNorm`` (named so,
+    holding nothing but per-channel vectors)."""
+    if isinstance(module, _NORM_TYPES):
+        return True
     return (
-        isinstance(module, (nn.ModuleList, nn.Sequential))
-        and len(children) >= 2
-        and any(_is_composite(c) for c in children)
+        "norm" in type(module).__name__.lower()
+        and not _is_composite(module)
+        and all(p.dim() <= 1 for p in module.parameters())
     )
+
+
+def _weight_layers(module: nn.Module) -> int:
+    """Parameter-owning modules in ``module``'s subtree that are not normalization layers."""
+    return sum(1 for m in module.modules() if _owns_params(m) and not _is_norm(m))
+
+
+def _is_list(module: nn.Module) -> bool:
+    return isinstance(module, (nn.ModuleList, nn.Sequential))
+
+
+def _splits_into_items(module: nn.Module) -> bool:
+    """A list of at least two parameter-bearing items, some of them composite."""
+    children = [c for _, c in _param_children(module)]
+    return _is_list(module) and len(children) >= 2 and any(_is_composite(c) for c in children)
+
+
+def _is_block_list(module: nn.Module) -> bool:
+    """A list of blocks: at least two items, at least half of them holding two or more weight
+    layers (residual blocks, transformer layers). A list of single conv/linear layers with their
+    norms and activations is the body of one block, not a list of blocks."""
+    children = [c for _, c in _param_children(module)]
+    blocks = sum(1 for c in children if _weight_layers(c) >= 2)
+    return _is_list(module) and len(children) >= 2 and 2 * blocks >= len(children)
 
 
 def _holds_block_list(module: nn.Module) -> bool:
     return any(_is_block_list(m) for m in module.modules())
 
 
-def _expand(module: nn.Module, path: str, is_root: bool) -> list[tuple[str, nn.Module]]:
-    """The blocks below ``module`` as (qualified path, module), in registration order."""
+def _expand(
+    module: nn.Module, path: str, is_root: bool, ran: set[int]
+) -> list[tuple[str, nn.Module]]:
+    """The blocks below ``module`` as (qualified path, module), in registration order.
+
+    ``ran`` holds the ids of the modules whose forward ran on the example input: a module whose
+    own forward never runs while some of its sub-modules' do (a ``Sequential`` or
+    ``ModuleDict`` that its parent iterates) is only a container, so it is split.
+    """
     children = _param_children(module)
     if not children:
         return [(path, module)]
     split = (
         is_root
         or isinstance(module, nn.ModuleList)
-        or _is_block_list(module)
+        or _splits_into_items(module)
         or (not isinstance(module, nn.Sequential) and _holds_block_list(module))
+        or (id(module) not in ran and any(id(m) in ran for m in module.modules()))
     )
     if not split:
         return [(path, module)]
     blocks: list[tuple[str, nn.Module]] = []
     for name, child in children:
-        blocks.extend(_expand(child, f"{path}.{name}" if path else name, is_root=False))
+        blocks.extend(_expand(child, f"{path}.{name}" if path else name, False, ran))
     return blocks
 
 
 def _leaf_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Parameter-bearing modules with no parameter-bearing children (the fallback blocks)."""
     return [
-        (name, m)
-        for name, m in model.named_modules()
-        if next(m.parameters(recurse=False), None) is not None and not _is_composite(m)
+        (name, m) for name, m in model.named_modules() if _owns_params(m) and not _is_composite(m)
     ]
 
 
@@ -254,21 +324,34 @@ def _orphan_parameters(
     return [(n, p) for n, p in model.named_parameters() if id(p) not in covered]
 
 
-def _execution_order(
-    model: nn.Module, modules: Sequence[nn.Module], inputs: ModelInput
-) -> list[int]:
-    """Indices of ``modules`` in the order their forward first ran; modules that never ran are
-    left out. Also raises a clear error if the example input does not run."""
+@dataclass(frozen=True)
+class _Trace:
+    """What one forward of the example input showed about each module (by ``id``)."""
+
+    first_call: dict[int, int]
+    """When the module's forward first ran (a counter over all modules' calls)."""
+    per_sample: set[int]
+    """Modules that returned a per-sample tensor: one with a dimension of the batch's size.
+    A position-embedding table (GPT-2's ``wpe`` returns (1, T, D)) is shared by all samples."""
+
+
+def _trace(model: nn.Module, inputs: ModelInput) -> _Trace:
+    """Run ``inputs`` through ``model`` once with hooks on every module; also raises a clear
+    error if the example input does not run."""
+    batch = batch_size_of(inputs)
     first_call: dict[int, int] = {}
-    counter = iter(range(10**9))
+    per_sample: set[int] = set()
 
-    def make_hook(i: int):
-        def hook(_module, _args):
-            first_call.setdefault(i, next(counter))
+    def before(module, _args):
+        first_call.setdefault(id(module), len(first_call))
 
-        return hook
+    def after(module, _args, output):
+        if any(batch in t.shape for t in tensors_in(output)):
+            per_sample.add(id(module))
 
-    handles = [m.register_forward_pre_hook(make_hook(i)) for i, m in enumerate(modules)]
+    handles = []
+    for m in model.modules():
+        handles += [m.register_forward_pre_hook(before), m.register_forward_hook(after)]
     try:
         with torch.no_grad():
             call_model(model, inputs)
@@ -281,7 +364,14 @@ def _execution_order(
     finally:
         for handle in handles:
             handle.remove()
-    return sorted(first_call, key=first_call.__getitem__)
+    return _Trace(first_call, per_sample)
+
+
+def _execution_order(blocks: Sequence[tuple[str, nn.Module]], trace: _Trace) -> list[int]:
+    """Indices of ``blocks`` in the order their forward first ran; blocks that never ran are
+    left out."""
+    ran = [i for i, (_, m) in enumerate(blocks) if id(m) in trace.first_call]
+    return sorted(ran, key=lambda i: trace.first_call[id(blocks[i][1])])
 
 
 # --------------------------------------------------------------------------- work counts
@@ -309,6 +399,53 @@ def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
+class _ModuleTracker(ModuleTracker):
+    """torch's ``ModuleTracker``, except that a module whose inputs need no gradient leaves the
+    backward once the autograd nodes it made have run. torch's waits for its inputs' gradients
+    only, so such a module (a position table reading position ids) stayed entered for the rest of
+    the backward and was charged with all of it."""
+
+    def _fw_post_hook(self, mod: nn.Module, input: Any, output: Any) -> None:
+        super()._fw_post_hook(mod, input, output)
+        if any(t.requires_grad for t in tensors_in(input)):
+            return
+        last = _nodes_next_to_leaves(output)  # its backward ends with one of these
+        if not last:
+            return
+        leave = self._get_pop_fn(self._get_mod_name(mod), True)
+        remaining = len(last)
+
+        def ran(*_: Any) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if remaining == 0:
+                leave()
+
+        self._hooks += [node.register_hook(ran) for node in last]
+
+
+def _nodes_next_to_leaves(output: Any) -> list[Any]:
+    """The autograd nodes behind ``output`` that lead to nothing but leaves (no hooks go on the
+    leaves themselves: a hooked leaf's gradient is copied, which would change the counts)."""
+    stack = [t.grad_fn for t in tensors_in(output) if t.grad_fn is not None]
+    seen: dict[int, Any] = {}
+    last = []
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen[id(node)] = node
+        after = [
+            n
+            for n, _ in node.next_functions
+            if n is not None and type(n).__name__ != "AccumulateGrad"
+        ]
+        if not after:
+            last.append(node)
+        stack.extend(after)
+    return last
+
+
 class _WorkCounter(FlopCounterMode):
     """FlopCounterMode that also counts, per module, the operators dispatched and the bytes that
     the operators without a FLOP formula read and write (their tensor arguments and results).
@@ -319,6 +456,7 @@ class _WorkCounter(FlopCounterMode):
 
     def __init__(self) -> None:
         super().__init__(display=False)
+        self.mod_tracker = _ModuleTracker()
         self.traffic: dict[str, float] = {}
         self.ops: dict[str, float] = {}
         self._forward: dict[str, _Work] | None = None
@@ -360,38 +498,56 @@ def _count_work(
     inputs: ModelInput,
     trainable: Sequence[nn.Parameter] | None,
     training: bool = True,
+    grad_from: nn.Module | None = None,
 ) -> _WorkCounter:
     """Per-module work of one forward without autograd (``trainable`` is None) or one forward
     and backward with exactly ``trainable`` requiring gradients (``mark``ed in between), with
-    the model in train (``training``) or eval mode."""
+    the model in train (``training``) or eval mode. ``grad_from``'s output also requires
+    gradients, as if a parameter had made it."""
     model.train(training)
     for p in model.parameters():
         p.requires_grad_(False)
         p.grad = None  # as after zero_grad(set_to_none=True): no accumulation into old grads
     for p in trainable or ():
         p.requires_grad_(True)
-    with _WorkCounter() as counter:
-        if trainable is None:
-            with torch.no_grad():
-                call_model(model, inputs)
-        else:
-            objective = _scalar_objective(call_model(model, inputs))
-            counter.mark()
-            objective.backward()
+    handle = grad_from.register_forward_hook(_requiring_grad) if grad_from else None
+    try:
+        with _WorkCounter() as counter:
+            if trainable is None:
+                with torch.no_grad():
+                    call_model(model, inputs)
+            else:
+                objective = _scalar_objective(call_model(model, inputs))
+                counter.mark()
+                if objective.requires_grad:
+                    objective.backward()
+    finally:
+        if handle is not None:
+            handle.remove()
     return counter
 
 
+def _requiring_grad(_module: nn.Module, _args: Any, output: Any) -> Any:
+    if type(output) is tuple:
+        return tuple(_requiring_grad(_module, _args, o) for o in output)
+    if isinstance(output, torch.Tensor) and output.is_floating_point():
+        return output.detach().requires_grad_()
+    return output
+
+
 def _output_bytes(model: nn.Module, inputs: ModelInput, exits: Sequence[nn.Module]) -> list[float]:
-    """Per-sample bytes of each exit module's (first) output; 0 where it is no batch tensor."""
+    """Per-sample bytes of each exit module's (first) output: every tensor in it whose leading
+    dimension is the batch, each counted once (a tuple or ``ModelOutput`` holds several); 0 where
+    there is none."""
     batch = batch_size_of(inputs)
     sizes = [0.0] * len(exits)
     seen: set[int] = set()
 
     def make_hook(i: int):
         def hook(_module, _args, output):
-            tensor = isinstance(output, torch.Tensor) and output.dim() > 0
-            if i not in seen and tensor and output.shape[0] == batch:
-                sizes[i] = output.numel() * output.element_size() / batch
+            if i not in seen:
+                tensors = {id(t): t for t in tensors_in(output) if t.dim() and t.shape[0] == batch}
+                sizes[i] = sum(t.numel() * t.element_size() for t in tensors.values()) / batch
             seen.add(i)
 
         return hook
@@ -473,7 +629,7 @@ def _kind_of(modules: Sequence[nn.Module]) -> UnitKind:
         (UnitKind.CONV, lambda m: isinstance(m, nn.modules.conv._ConvNd)),
         (UnitKind.LINEAR, lambda m: isinstance(m, nn.Linear)),
         (UnitKind.EMBEDDING, lambda m: isinstance(m, (nn.Embedding, nn.EmbeddingBag))),
-        (UnitKind.NORM, lambda m: isinstance(m, _NORM_TYPES)),
+        (UnitKind.NORM, _is_norm),
     )
     for kind, matches in checks:
         if any(matches(m) for m in leaves):
@@ -484,14 +640,9 @@ def _kind_of(modules: Sequence[nn.Module]) -> UnitKind:
 def _supports_local(modules: Sequence[nn.Module], extra: Sequence[nn.Parameter]) -> bool:
     if extra:
         return False
-    owners = [
-        m
-        for top in modules
-        for m in top.modules()
-        if next(m.parameters(recurse=False), None) is not None
-    ]
+    owners = [m for top in modules for m in top.modules() if _owns_params(m)]
     return any(isinstance(m, _LOCAL_RULE_TYPES) for m in owners) and all(
-        isinstance(m, _LOCAL_RULE_TYPES + _NORM_TYPES) for m in owners
+        isinstance(m, _LOCAL_RULE_TYPES) or _is_norm(m) for m in owners
     )
 
 
@@ -545,29 +696,68 @@ def partition(model: nn.Module, example_input: ModelInput, max_units: int = 32) 
 
     with preserved_state(model):
         model.train()
-        blocks = _expand(model, "", is_root=True)
-        order = _execution_order(model, [m for _, m in blocks], example_input)
+        trace = _trace(model, example_input)
+        blocks = _expand(model, "", is_root=True, ran=set(trace.first_call))
+        order = _execution_order(blocks, trace)
         if len(order) < 2:
             blocks = _leaf_blocks(model)
-            order = _execution_order(model, [m for _, m in blocks], example_input)
+            order = _execution_order(blocks, trace)
         if not order:
             raise ValueError("no parameter-bearing module of the model ran on the example input")
-        groups = _group_blocks(blocks, order)
+        groups = _group_blocks(model, blocks, order, trace)
         units = _measure_units(model, example_input, blocks, groups, max_units)
     return units
 
 
 def _is_norm_only(module: nn.Module) -> bool:
-    owners = [m for m in module.modules() if next(m.parameters(recurse=False), None) is not None]
-    return all(isinstance(m, _NORM_TYPES) for m in owners)
+    return all(_is_norm(m) for m in module.modules() if _owns_params(m))
 
 
-def _group_blocks(blocks: list[tuple[str, nn.Module]], order: list[int]) -> list[list[int]]:
-    """Executed blocks in execution order, a norm-only block joined to the block before it (or,
-    for a leading one, to the block after it)."""
+def _is_lookup(module: nn.Module) -> bool:
+    owners = [m for m in module.modules() if _owns_params(m)]
+    return all(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in owners)
+
+
+def _group_blocks(
+    model: nn.Module, blocks: list[tuple[str, nn.Module]], order: list[int], trace: _Trace
+) -> list[list[int]]:
+    """Executed blocks in execution order, grouped where one block cannot stand alone.
+
+    * A norm-only block joins the block executed before it (a final norm goes with the last
+      layer), or the one after it when it leads the model.
+    * A pre-norm, the first item of a list run right before the list's next item, joins that
+      item (ConvNeXt's downsampling ``ModuleList(LayerNorm, Conv2d)``).
+    * A block whose output is no per-sample tensor (a position-embedding table) is added to a
+      hidden state, not a step of the chain. Right after an embedding lookup it joins it (GPT-2's
+      ``wte`` and ``wpe`` are one embedding unit); otherwise it joins the block after it, the
+      one that reads it, so the block before keeps its own output as the boundary (Whisper's
+      ``conv2`` stays a cut point).
+    """
+
+    def shared(pos: int) -> bool:
+        return id(blocks[order[pos]][1]) not in trace.per_sample
+
+    def follows_lookup(pos: int) -> bool:
+        return pos > 0 and shared(pos) and _is_lookup(blocks[order[pos - 1]][1])
+
+    def is_pre_norm(pos: int) -> bool:
+        name, module = blocks[order[pos]]
+        parent, _, item = name.rpartition(".")
+        container = model.get_submodule(parent)
+        items = [n for n, _ in _param_children(container)] if _is_list(container) else []
+        if len(items) < 2 or items[0] != item:
+            return False
+        following = f"{parent}.{items[1]}" if parent else items[1]
+        return _is_norm_only(module) and blocks[order[pos + 1]][0] == following
+
+    def joins_next(pos: int) -> bool:
+        table = shared(pos) and not follows_lookup(pos)
+        return pos + 1 < len(order) and (table or is_pre_norm(pos))
+
     groups: list[list[int]] = []
-    for i in order:
-        if groups and _is_norm_only(blocks[i][1]):
+    for pos, i in enumerate(order):
+        norm = _is_norm_only(blocks[i][1]) and not joins_next(pos)
+        if groups and (joins_next(pos - 1) or norm or follows_lookup(pos)):
             groups[-1].append(i)
         else:
             groups.append([i])
@@ -617,8 +807,23 @@ def _measure_units(
         )
         extra[home].append(param)
 
-    first_unit_params = [p for i in unit_blocks[0] for p in blocks[i][1].parameters()] + extra[0]
-    to_first = _count_work(model, inputs, first_unit_params)
+    last = len(unit_blocks) - 1
+    unit_modules = [[blocks[i][1] for i in ids] for ids in unit_blocks]
+    unit_modules[last] += [blocks[i][1] for i in unused]
+    used = [
+        _distinct(chain((p for m in modules for p in m.parameters()), extra[u]))
+        for u, modules in enumerate(unit_modules)
+    ]
+    # A parameter several units use (tied weights) belongs to the last of them: that unit keeps
+    # training longest (the head always trains), so freezing an earlier one never freezes it.
+    owner_of = {id(p): u for u, params in enumerate(used) for p in params}
+    owned = [[p for p in params if owner_of[id(p)] == u] for u, params in enumerate(used)]
+
+    # Only what the first unit owns requires gradients: each later unit's backward is then
+    # exactly the gradient to its input. A first unit that owns nothing (a tied embedding)
+    # starts the backward at its output instead.
+    exit_first = None if owned[0] else blocks[unit_blocks[0][-1]][1]
+    to_first = _count_work(model, inputs, owned[0], grad_from=exit_first)
     fwd = [work(train, ids, "forward") for ids in unit_blocks]
     fwd_frozen = [work(frozen, ids) for ids in unit_blocks]
     bwd_all = [work(train, ids, "backward") for ids in unit_blocks]
@@ -638,15 +843,14 @@ def _measure_units(
     model.eval()
     units = []
     for u, ids in enumerate(unit_blocks):
-        modules = tuple(blocks[i][1] for i in ids)
+        modules = tuple(unit_modules[u])
         names = tuple(blocks[i][0] or type(model).__name__ for i in ids)
-        exit_module = modules[-1]
-        if u == len(unit_blocks) - 1:
-            modules += tuple(blocks[i][1] for i in unused)
+        if u == last:
             names += tuple(blocks[i][0] for i in unused)
+        exit_module = blocks[ids[-1]][1]
         with torch.no_grad():
-            cut = u < len(unit_blocks) - 1 and _is_cut_after(model, exit_module, inputs)
-        params = [p for m in modules for p in m.parameters()] + extra[u]
+            cut = u < last and _is_cut_after(model, exit_module, inputs)
+        borrowed = tuple(p for p in used[u] if owner_of[id(p)] != u)
         units.append(
             Unit(
                 index=u,
@@ -655,13 +859,13 @@ def _measure_units(
                 module_names=names,
                 exit_module=exit_module,
                 extra_parameters=tuple(extra[u]),
-                num_params=sum(p.numel() for p in params),
+                num_params=sum(p.numel() for p in owned[u]),
                 kind=_kind_of(modules),
                 flops_forward=fwd[u].flops / batch,
                 flops_backward_input=b_input[u].flops / batch,
                 flops_backward_weight=b_weight[u].flops / batch,
                 is_cut_point=cut,
-                supports_local=_supports_local(modules, extra[u]),
+                supports_local=not borrowed and _supports_local(modules, extra[u]),
                 traffic_forward=fwd[u].traffic / batch,
                 traffic_backward_input=b_input[u].traffic / batch,
                 traffic_backward_weight=b_weight[u].traffic / batch,
@@ -671,7 +875,9 @@ def _measure_units(
                 ops_backward_input=b_input[u].ops,
                 ops_backward_weight=b_weight[u].ops,
                 output_bytes=output_bytes[u],
-                num_param_tensors=len(params),
+                num_param_tensors=len(owned[u]),
+                tied_to=tuple(sorted({owner_of[id(p)] for p in borrowed})),
+                borrowed_parameters=borrowed,
             )
         )
     return units

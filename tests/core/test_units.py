@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ResidualNet, conv_chain
+from helpers import ResidualBlock, ResidualNet, conv_chain
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -228,6 +228,126 @@ def test_bert_encoder_from_transformers():
     assert units[0].kind is UnitKind.EMBEDDING
     assert units[1].kind is UnitKind.ATTENTION
     assert units[-1].name.endswith("classifier")
+    assert_exact_cover(model, units)
+
+
+class IteratedContainers(nn.Module):
+    """Containers whose own forward never runs: the forward iterates a one-block Sequential and
+    a ModuleDict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv1d(1, 8, 3, padding=1)
+        self.stage = nn.Sequential(ResidualBlock(8))
+        self.more = nn.ModuleDict({"a": ResidualBlock(8), "b": ResidualBlock(8)})
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in [*self.stage, *self.more.values()]:
+            x = block(x)
+        return self.head(x.mean(-1))
+
+
+def test_containers_whose_forward_never_runs_are_split_into_their_blocks():
+    model = IteratedContainers()
+    units = partition(model, torch.randn(4, 1, 16))
+    assert [u.name for u in units] == ["stem", "stage.0", "more.a", "more.b", "head"]
+    assert all(u.is_cut_point for u in units[:-1])
+    assert_exact_cover(model, units)
+
+
+class Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class RMSNorm(nn.Module):
+    """A norm of no torch norm class, as Llama's."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class TinyLM(nn.Module):
+    """Token and position embeddings (a table of no batch dimension), layers, a custom final
+    norm and a head, optionally tied to the token embedding."""
+
+    def __init__(self, tied: bool = False, vocab: int = 11, d: int = 8) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, d)
+        self.positions = nn.Embedding(16, d)
+        self.layers = nn.ModuleList(Block(d) for _ in range(2))
+        self.norm = RMSNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        if tied:
+            self.head.weight = self.tokens.weight
+
+    def forward(self, ids):
+        x = self.tokens(ids) + self.positions(torch.arange(ids.shape[1]))
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x))
+
+
+class ConvFrontEnd(nn.Module):
+    """Whisper's shape: convolutions, then a position table added before the layers."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, d, 3, padding=1)
+        self.positions = nn.Embedding(16, d)
+        self.layers = nn.ModuleList(Block(d) for _ in range(2))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        x = self.conv(x).transpose(1, 2) + self.positions(torch.arange(x.shape[-1]))
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x.mean(1))
+
+
+def test_a_position_table_joins_its_lookup_and_a_custom_norm_joins_the_last_layer():
+    model = TinyLM()
+    units = partition(model, torch.randint(0, 11, (4, 6)))
+    assert [u.name for u in units] == ["tokens..positions", "layers.0", "layers.1..norm", "head"]
+    assert units[0].kind is UnitKind.EMBEDDING and not units[0].is_cut_point  # exit: the table
+    assert all(u.is_cut_point for u in units[1:-1])
+    assert_exact_cover(model, units)
+
+
+def test_a_position_table_joins_the_layer_that_reads_it_and_is_charged_only_its_own_work():
+    """The table's input (positions) needs no gradient; its backward must still end with it,
+    not run on and take the convolution's backward too."""
+    model = ConvFrontEnd()
+    units = partition(model, torch.randn(4, 1, 6))
+    assert [u.name for u in units] == ["conv", "positions..layers.0", "layers.1", "head"]
+    assert [u.is_cut_point for u in units] == [True, True, True, False]
+    layer = units[1]  # two Linear layers: one GEMM each to the input and to the weights
+    assert layer.flops_backward_weight == layer.flops_backward_input == layer.flops_forward
+    total = sum(u.flops_train for u in units)
+    assert total == pytest.approx(whole_model_flops(model, torch.randn(4, 1, 6), 4), rel=1e-9)
+
+
+def test_a_tied_weight_belongs_to_the_last_unit_using_it():
+    model = TinyLM(tied=True)
+    ids = torch.randint(0, 11, (4, 6))
+    units = partition(model, ids)
+    embedding, head = units[0], units[-1]
+    assert [p for p in embedding.parameters()] == [model.positions.weight]
+    assert embedding.borrowed_parameters == (model.tokens.weight,)
+    assert embedding.tied_to == (head.index,) and not embedding.supports_local
+    assert [p for p in head.parameters()] == [model.head.weight]
+    assert head.num_params == model.head.weight.numel() and head.num_param_tensors == 1
+    assert head.flops_backward_input == head.flops_forward == head.flops_backward_weight
     assert_exact_cover(model, units)
 
 
