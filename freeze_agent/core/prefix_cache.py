@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from freeze_agent.core.activation_layout import ActivationLayout
 from freeze_agent.core.activation_store import ActivationStore, cpu_index
 from freeze_agent.core.cache_verification import preserved_rng, verify_skip
 from freeze_agent.core.modes import Mode
@@ -62,6 +63,17 @@ class _Level:
     depth: int
     store: ActivationStore
     verified: bool = False
+    layout: ActivationLayout | None = None
+    """How the boundary output (a tensor, tuple or ``ModelOutput``) maps to a stored row; set
+    by the first fill."""
+
+    def rows(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return self.store.fetch(index).to(device, non_blocking=True)
+
+    def output(self, rows: torch.Tensor) -> Any:
+        """The boundary output, in its exit module's structure, from stored rows."""
+        assert self.layout is not None
+        return self.layout.unpack(rows)
 
 
 class PrefixCache:
@@ -134,7 +146,11 @@ class PrefixCache:
             frozen += 1
         if frozen == 0:
             return 0, "no frozen prefix"
-        cuts = [k for k in range(frozen, 0, -1) if self.units[k - 1].is_cut_point]
+        cuts = [
+            k
+            for k in range(frozen, 0, -1)
+            if self.units[k - 1].is_cut_point and not self._tied_beyond(k)
+        ]
         for k in cuts:
             if k not in self._failed:
                 return k, None
@@ -142,6 +158,12 @@ class PrefixCache:
             return 0, self._failed[cuts[0]]
         earlier = " (nor is any unit before it)" if frozen > 1 else ""
         return 0, f"unit {frozen - 1} is not a cut point{earlier}"
+
+    def _tied_beyond(self, depth: int) -> bool:
+        """Does a unit before ``depth`` use a parameter owned by a unit at or after it? That
+        parameter keeps training, so the prefix's output keeps changing (GPT-2's input
+        embedding, tied to the head)."""
+        return any(owner >= depth for unit in self.units[:depth] for owner in unit.tied_to)
 
     def update(self, modes: Sequence[Mode | int]) -> None:
         """Follow a mode change: target the deepest usable boundary of the frozen prefix.
@@ -178,6 +200,11 @@ class PrefixCache:
         self._target, self._base = target, base
         if target is not previous:
             self._restart_prefetch()
+
+    def retire(self, failed: dict[int, str]) -> None:
+        """Retire depths known to fail (from a checkpoint of an earlier run), with the reason."""
+        self._failed.update(failed)
+        self.update(self._modes)
 
     def _fail(self, depth: int, reason: str) -> None:
         """Retire ``depth`` for good and fall back to the next usable boundary."""
@@ -236,7 +263,9 @@ class PrefixCache:
                 return self.forward(inputs, indices)
         cached = self._boundary(target, index, missing, computed)
         if target.verified:
-            output = self._runner.run_skipping(inputs, target.depth, cached, self._device())
+            output = self._runner.run_skipping(
+                inputs, target.depth, target.output(cached), self._device()
+            )
             self.misses += int(missing.sum())
             self.hits += index.numel() - int(missing.sum())
             self.last_batch = (target.depth, 1.0 - int(missing.sum()) / index.numel())
@@ -263,32 +292,44 @@ class PrefixCache:
         base = self._base
         if base is None or not base.verified or not base.store.contains(sub_index):
             base = None
-        unit = target.depth - 1
         with preserved_rng(device):
             try:
                 with torch.no_grad():
                     if base is None:
                         output = self._runner.run_to_boundary(rows, target.depth, device)
                     else:
-                        cached = base.store.fetch(sub_index).to(device, non_blocking=True)
+                        cached = base.output(base.rows(sub_index, device))
                         output = self._runner.run_to_boundary(
                             rows, target.depth, device, start=base.depth, cached=cached
                         )
             except Exception as error:  # the model's own errors resurface in the plain forward
                 output = f"the prefix could not be run on its own: {type(error).__name__}: {error}"
-        if isinstance(output, torch.Tensor):
-            if output.dim() == 0 or output.shape[0] != sub_index.numel():
-                output = f"unit {unit}'s output has no batch dimension first"
-            else:
-                try:
-                    target.store.store(sub_index, output)
-                    return output
-                except ValueError as error:
-                    output = f"unit {unit}'s output cannot be stored: {error}"
-        elif not isinstance(output, str):
-            output = f"unit {unit}'s output is a {type(output).__name__}, not a single tensor"
+        if not isinstance(output, str):
+            output = self._store(target, sub_index, output)
+            if isinstance(output, torch.Tensor):
+                return output
         self._fail(target.depth, output)
         return None
+
+    @staticmethod
+    def _store(level: _Level, index: torch.Tensor, output: Any) -> torch.Tensor | str:
+        """Store a fill's boundary output; returns its rows, or why it cannot be stored."""
+        unit = level.depth - 1
+        if level.layout is None:
+            layout = ActivationLayout.of(output, index.numel())
+            if isinstance(layout, str):
+                return f"unit {unit}'s output cannot be cached: {layout}"
+            level.layout = layout
+        else:
+            problem = level.layout.matches(output, index.numel())
+            if problem is not None:
+                return f"unit {unit}'s output cannot be cached: {problem}"
+        rows = level.layout.pack(output)
+        try:
+            level.store.store(index, rows)
+        except ValueError as error:
+            return f"unit {unit}'s output cannot be stored: {error}"
+        return rows
 
     def _boundary(
         self,
@@ -301,24 +342,24 @@ class PrefixCache:
         store, just computed ones as they are (no round trip through the store)."""
         device = self._device()
         if computed is None:
-            return target.store.fetch(index).to(device, non_blocking=True)
+            return target.rows(index, device)
         if bool(missing.all()):
             return computed
-        stored = target.store.fetch(index[~missing]).to(device, non_blocking=True)
+        stored = target.rows(index[~missing], device)
         boundary = computed.new_empty((index.numel(), *computed.shape[1:]))
         on_device = missing.to(device)
         boundary[on_device] = computed
         boundary[~on_device] = stored
         return boundary
 
-    def _verify(self, inputs: ModelInput, level: _Level, cached: torch.Tensor) -> Any:
+    def _verify(self, inputs: ModelInput, level: _Level, rows: torch.Tensor) -> Any:
         """Run the batch skipping the prefix and normally, compare the two (``verify_skip``) and
         return the normal output; a difference retires the level's depth."""
         device = self._device()
         output, problem = verify_skip(
             self.model,
             inputs,
-            lambda: self._runner.run_skipping(inputs, level.depth, cached, device),
+            lambda: self._runner.run_skipping(inputs, level.depth, level.output(rows), device),
             device,
         )
         if problem is None:

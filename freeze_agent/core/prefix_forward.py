@@ -1,11 +1,13 @@
 """Running a model only up to a unit boundary, or with the units before a boundary skipped.
 
 This works for any model (not only ``nn.Sequential``): while a call runs, the ``forward`` of the
-prefix units' top modules is replaced. The exit module of unit k-1 returns the given activation;
-every other prefix module returns a cheap stand-in, its first input when that has the shape the
-module's real output had, else zeros of that shape (so parent-level code between prefix modules,
-such as ``x.flatten(2) + pos``, still runs). That code runs on stand-ins, which could change the
-result for exotic models; ``freeze_agent.core.cache_verification`` checks it once per boundary.
+prefix units' top modules is replaced. The exit module of unit k-1 returns the given activation
+(a tensor, or a tuple / ``ModelOutput`` for blocks that return one); every other prefix module
+returns a cheap stand-in, its first input when that has the shape the module's real output had,
+else zeros in the structure of that output (so parent-level code between prefix modules, such as
+``x.flatten(2) + pos`` or ``layer(x)[0]``, still runs). That code runs on stand-ins, which could
+change the result for exotic models; ``freeze_agent.core.cache_verification`` checks it once
+per boundary.
 
 A prefix-only pass ends the forward with a hook right after the boundary module, so nothing beyond
 the cut runs; it may itself skip the units before a shallower boundary whose activation is known
@@ -22,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from freeze_agent.core.units import ModelInput, Unit, call_model
+from freeze_agent.core.activation_layout import ActivationLayout
+from freeze_agent.core.units import ModelInput, Unit, batch_size_of, call_model, tensors_in
 
 _MISSING = object()
 
@@ -38,8 +41,8 @@ class PrefixRunner:
     def __init__(self, model: nn.Module, units: Sequence[Unit]) -> None:
         self.model = model
         self.units = list(units)
-        self._out_meta: dict[nn.Module, tuple[torch.Size, torch.dtype] | None] = {}
-        self._zeros: dict[tuple[nn.Module, int], torch.Tensor] = {}
+        self._out_layout: dict[nn.Module, ActivationLayout | None] = {}
+        self._zeros: dict[tuple[nn.Module, int], Any] = {}
 
     def run_to_boundary(
         self,
@@ -48,7 +51,7 @@ class PrefixRunner:
         device: torch.device,
         *,
         start: int = 0,
-        cached: torch.Tensor | None = None,
+        cached: Any = None,
     ) -> Any:
         """The output of unit ``depth - 1`` for ``inputs``: the forward stops right after it
         (nothing beyond the cut runs). Also records each prefix module's output shape, for the
@@ -59,22 +62,22 @@ class PrefixRunner:
             depth: the boundary: units 0..depth-1 run (or are skipped, see ``start``).
             device: where the stand-ins' zeros go.
             start: units 0..start-1 are skipped, with ``cached`` as their output.
-            cached: the boundary activation of unit ``start - 1`` for the batch (needed when
-                ``start`` > 0).
+            cached: the boundary output of unit ``start - 1`` for the batch, in the structure
+                its exit module returns (needed when ``start`` > 0).
 
         Returns:
-            The exit module's output as it is (the caller checks it is a batch tensor), or a
+            The exit module's output as it is (the caller checks it can be stored), or a
             string saying why there is none.
         """
         handles = [
-            m.register_forward_hook(self._record_shape)
+            m.register_forward_hook(self._record_shape, with_kwargs=True)
             for unit in self.units[start:depth]
             for m in unit.modules
-            if m not in self._out_meta
+            if m not in self._out_layout
         ]
         handles.append(self.units[depth - 1].exit_module.register_forward_hook(_stop_forward))
         try:
-            with self._skipping(start, cached, device):
+            with self._skipping(start, cached, device, batch_size_of(inputs)):
                 call_model(self.model, inputs)
         except _BoundaryReached as reached:
             return reached.output
@@ -84,27 +87,29 @@ class PrefixRunner:
         return f"unit {depth - 1}'s exit module did not run"
 
     def run_skipping(
-        self, inputs: ModelInput, depth: int, cached: torch.Tensor, device: torch.device
+        self, inputs: ModelInput, depth: int, cached: Any, device: torch.device
     ) -> Any:
-        """The model's output with units 0..depth-1 skipped and ``cached`` as their output
-        (its rows are the batch; stand-in zeros go to ``device``)."""
-        with self._skipping(depth, cached, device):
+        """The model's output with units 0..depth-1 skipped and ``cached`` (the boundary output
+        for the batch, in its exit module's structure) as their output; stand-in zeros go to
+        ``device``."""
+        with self._skipping(depth, cached, device, batch_size_of(inputs)):
             return call_model(self.model, inputs)
 
     def release(self) -> None:
         """Drop the stand-ins' zero buffers."""
         self._zeros.clear()
 
-    def _record_shape(self, module: nn.Module, args: tuple, output: Any) -> None:
-        """Remember a prefix module's per-sample output shape (None: not a batch tensor)."""
-        batch = next((a.shape[0] for a in args if isinstance(a, torch.Tensor) and a.dim()), None)
-        ok = isinstance(output, torch.Tensor) and output.dim() > 0
-        ok = ok and (batch is None or output.shape[0] == batch)
-        self._out_meta.setdefault(module, (output.shape[1:], output.dtype) if ok else None)
+    def _record_shape(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Remember the layout of a prefix module's output (None: it holds no batch tensor)."""
+        batch = next((t.shape[0] for t in tensors_in((args, kwargs, output)) if t.dim()), 0)
+        layout = ActivationLayout.of(output, batch)
+        self._out_layout.setdefault(
+            module, layout if isinstance(layout, ActivationLayout) else None
+        )
 
     @contextlib.contextmanager
     def _skipping(
-        self, depth: int, cached: torch.Tensor | None, device: torch.device
+        self, depth: int, cached: Any, device: torch.device, batch: int
     ) -> Iterator[None]:
         """Replace the forwards of units 0..depth-1's top modules with stand-ins, the exit
         module of unit depth-1 returning ``cached`` (depth 0: nothing is replaced)."""
@@ -112,7 +117,6 @@ class PrefixRunner:
             yield
             return
         assert cached is not None
-        batch = cached.shape[0]
         exit_module = self.units[depth - 1].exit_module
         modules = [m for unit in self.units[:depth] for m in unit.modules]
         saved = [(m, m.__dict__.get("forward", _MISSING)) for m in modules]
@@ -132,21 +136,22 @@ class PrefixRunner:
 
     def _stand_in(self, module: nn.Module, batch: int, device: torch.device) -> Callable[..., Any]:
         """A forward for a skipped prefix module whose output is unused beyond the cut: its
-        first input if that is shaped like the real output was, else zeros of that shape (one
-        buffer per module and batch size, reused: allocating it every step costs more than the
-        rest of a small skip)."""
-        meta = self._out_meta.get(module)
+        first input if that is shaped like the real output was, else zeros in the real output's
+        structure (one buffer per module and batch size, reused: allocating it every step costs
+        more than the rest of a small skip)."""
+        layout = self._out_layout.get(module)
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             first = args[0] if args else next(iter(kwargs.values()), None)
-            if meta is None:
+            if layout is None:
                 return first
-            shape, dtype = (batch, *meta[0]), meta[1]
-            if isinstance(first, torch.Tensor) and (first.dtype, first.shape) == (dtype, shape):
-                return first
+            if layout.single_tensor and isinstance(first, torch.Tensor):
+                leaf = layout.leaf(0)
+                if (first.dtype, first.shape) == (leaf.dtype, (batch, *leaf.shape)):
+                    return first
             zeros = self._zeros.get((module, batch))
-            if zeros is None or zeros.device != device:
-                zeros = self._zeros[module, batch] = torch.zeros(shape, dtype=dtype, device=device)
+            if zeros is None:
+                zeros = self._zeros[module, batch] = layout.zeros(batch, device)
             return zeros
 
         return forward
