@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from freeze_agent.bench.summary import per_policy, per_run, per_task
+from freeze_agent.core.mode_timeline import MODE_COLORS, draw_modes, timeline_matrix
 from freeze_agent.core.modes import Mode
-from freeze_agent.rl.wandb_logging import MODE_COLORS, draw_modes, timeline_matrix
 
 PLOTS = ("speedup_vs_accuracy.png", "time_to_accuracy.png", "timelines.png")
 

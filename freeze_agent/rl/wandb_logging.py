@@ -40,10 +40,14 @@ import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import KVWriter, Logger
 
+from freeze_agent.core.mode_timeline import (
+    figure_to_array,
+    plot_timeline,
+    timeline_matrix,
+)
 from freeze_agent.core.modes import Mode
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
     from stable_baselines3.common.base_class import BaseAlgorithm
     from wandb.sdk.wandb_run import Run
 
@@ -54,13 +58,6 @@ DEFAULT_HOST = "https://api.wandb.ai"
 RUN_ID_FILE = "wandb_run_id"
 WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
 
-# One character per mode in an episode timeline, and how each mode is drawn.
-MODE_CHARS: dict[str, Mode] = {mode.name[0]: mode for mode in Mode}  # T, L, F
-MODE_COLORS: dict[Mode, str] = {
-    Mode.TRAIN: "#2ca02c",  # green
-    Mode.LOCAL: "#ffae1a",  # orange-yellow
-    Mode.FROZEN: "#1f5fb4",  # blue
-}
 # Summary fields also logged per task, so each task gets its own curve.
 PER_TASK_KEYS = (
     "return",
@@ -279,86 +276,6 @@ def attach_to(model: BaseAlgorithm, run: Run | None) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Episodes
-
-
-def timeline_matrix(unit_names: Sequence[str], timeline: Sequence[str]) -> np.ndarray:
-    """The timeline as an int array (units x decisions) of ``Mode`` values.
-
-    Raises ValueError on a decision string of the wrong length or an unknown mode character.
-    """
-    matrix = np.empty((len(unit_names), len(timeline)), dtype=np.int64)
-    for d, modes in enumerate(timeline):
-        if len(modes) != len(unit_names):
-            raise ValueError(
-                f"decision {d} has {len(modes)} modes for {len(unit_names)} units: {modes!r}"
-            )
-        for u, char in enumerate(modes):
-            if char not in MODE_CHARS:
-                raise ValueError(
-                    f"decision {d}, unit {u}: {char!r} is not a mode character "
-                    f"({', '.join(MODE_CHARS)})"
-                )
-            matrix[u, d] = MODE_CHARS[char]
-    return matrix
-
-
-def draw_modes(ax: Any, matrix: np.ndarray) -> None:
-    """Draw a ``timeline_matrix`` on ``ax``: units down, decisions across, one color per mode."""
-    from matplotlib.colors import ListedColormap
-
-    cmap = ListedColormap([MODE_COLORS[m] for m in Mode])
-    ax.imshow(
-        matrix,
-        cmap=cmap,
-        vmin=-0.5,
-        vmax=len(Mode) - 0.5,
-        aspect="auto",
-        interpolation="nearest",
-        origin="upper",
-    )
-
-
-def plot_timeline(unit_names: Sequence[str], timeline: Sequence[str], title: str = "") -> Figure:
-    """Draw an episode's modes: units on the y axis (unit 0 at the top), decisions on the x
-    axis, one color per mode, with a legend.
-
-    Built on ``matplotlib.figure.Figure`` with an Agg canvas, without pyplot, so it neither
-    touches the user's backend nor registers the figure anywhere (nothing to close).
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
-    matrix = timeline_matrix(unit_names, timeline)
-    n_units, n_decisions = matrix.shape
-    height = min(12.0, max(2.5, 1.3 + 0.22 * n_units))
-    fig = Figure(figsize=(8.0, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    modes = list(Mode)
-    if n_decisions and n_units:
-        draw_modes(ax, matrix)
-    else:
-        ax.text(0.5, 0.5, "no decisions", ha="center", va="center", transform=ax.transAxes)
-    step = max(1, -(-n_units // 40))  # at most ~40 unit labels
-    ax.set_yticks(range(0, n_units, step), [unit_names[i] for i in range(0, n_units, step)])
-    ax.tick_params(axis="y", labelsize=7 if n_units > 16 else 9)
-    ax.set_xlabel("decision")
-    ax.set_ylabel("unit")
-    if title:
-        ax.set_title(title, fontsize=9)
-    handles = [Patch(facecolor=MODE_COLORS[m], label=m.name) for m in modes]
-    fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)
-    return fig
-
-
-def figure_to_array(fig: Figure) -> np.ndarray:
-    """Render ``fig`` to an RGB uint8 array (height x width x 3)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def _key_part(text: str) -> str:

@@ -1,5 +1,5 @@
 """wandb logging: mode and credential detection, the SB3 writer, the episode callback, the
-timeline figure, and one real offline run whose files are read back."""
+and one real offline run whose files are read back."""
 
 from __future__ import annotations
 
@@ -180,41 +180,6 @@ def test_episode_logger_survives_bad_timeline():
         callback._on_step()
     assert (callback.episodes_logged, callback.media_logged) == (1, 0)
     assert run.rows[0]["episode/return"] == 0.25
-
-
-# --- the timeline figure -------------------------------------------------------------------------
-
-
-def test_plot_timeline_layout_and_colors():
-    timeline = ["TTTT", "LTTT", "FLTT", "FFLT", "FFFT", "FFFT"]
-    fig = wl.plot_timeline(UNITS, timeline, title="t")
-    image = wl.figure_to_array(fig)
-    width, height = fig.get_size_inches() * fig.dpi
-    assert image.shape == (round(height), round(width), 3) and image.dtype == np.uint8
-    ax = fig.axes[0]
-    assert [t.get_text() for t in ax.get_yticklabels()] == UNITS
-
-    def color_at(decision: int, unit: int) -> np.ndarray:
-        x, y = ax.transData.transform((decision, unit))
-        return image[image.shape[0] - 1 - round(y), round(x)].astype(int)
-
-    def rgb(mode: Mode) -> np.ndarray:
-        hex_color = wl.MODE_COLORS[mode].lstrip("#")
-        return np.array([int(hex_color[i : i + 2], 16) for i in (0, 2, 4)])
-
-    # unit 0 is at the top: its cell is drawn above unit 3's
-    assert ax.transData.transform((0, 0))[1] > ax.transData.transform((0, 3))[1]
-    for decision, unit, mode in [(0, 0, Mode.TRAIN), (1, 0, Mode.LOCAL), (5, 2, Mode.FROZEN)]:
-        assert np.abs(color_at(decision, unit) - rgb(mode)).max() <= 2
-    assert {t.get_text() for t in fig.legends[0].get_texts()} == {m.name for m in Mode}
-
-
-def test_plot_timeline_rejects_bad_input():
-    with pytest.raises(ValueError, match="decision 1 has 3 modes"):
-        wl.plot_timeline(UNITS, ["TTTT", "TTT"])
-    with pytest.raises(ValueError, match="not a mode character"):
-        wl.plot_timeline(UNITS, ["TTXT"])
-    wl.figure_to_array(wl.plot_timeline(UNITS, []))  # no decisions: an empty plot
 
 
 # --- one real offline run ------------------------------------------------------------------------
