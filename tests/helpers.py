@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from freeze_agent.core.modes import Mode
+from freeze_agent.policies.base import Observation, Policy
 from freeze_agent.rl.training import TrainConfig
 
 
@@ -116,3 +118,26 @@ def synthetic_observation(
     global_vector[GLOBAL_FEATURES.index("progress")] = progress
     global_vector[GLOBAL_FEATURES.index("lr_ratio")] = lr_ratio
     return {"units": units, "mask": mask, "global": global_vector}
+
+
+class FreezePrefix(Policy):
+    """Freezes the first ``depth`` units (None: every unit but the head) from decision ``start``
+    (1-based) on, TRAIN before: a policy whose decisions a test knows in advance."""
+
+    name = "freeze-prefix"
+
+    def __init__(self, depth: int | None = None, start: int = 2) -> None:
+        self.depth, self.start = depth, start
+        self._decisions = 0
+
+    def reset(self, reference=None) -> None:
+        super().reset(reference)
+        self._decisions = 0
+
+    def decide(self, observation: Observation) -> list[Mode]:
+        n = int(observation["mask"].sum())
+        self._decisions += 1
+        depth = (
+            (n - 1 if self.depth is None else self.depth) if self._decisions >= self.start else 0
+        )
+        return [Mode.FROZEN] * depth + [Mode.TRAIN] * (n - depth)

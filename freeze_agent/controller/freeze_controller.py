@@ -4,26 +4,45 @@
 parameters receive no gradient, no momentum and no weight decay, norm statistics and dropout
 freeze with them, and local units learn by the local rule. The trainer, the Gymnasium
 environment and a user's own training loop all drive the same object.
+
+In a user's loop it comes from ``FreezeController.from_pretrained``, with a policy attached: then
+``step(loss)`` also decides at the planned steps (observe, decide, apply), ``wrap_loader`` serves
+the frozen prefix from the activation cache, the safety net undoes freezes that hurt, and
+``summary`` / ``plot_timeline`` / ``state_dict`` report and checkpoint the run.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from freeze_agent.controller.cached_loader import CachedLoader, ForwardRouter, why_not_cacheable
+from freeze_agent.controller.decision_schedule import DecisionSchedule
+from freeze_agent.controller.safety_net import Alarm, SafetyNet, SafetyNetEvent
 from freeze_agent.core.cost_model import cost_ratio
 from freeze_agent.core.local_learning import LocalLearning, WeakSupervision
-from freeze_agent.core.modes import Mode, effective_modes
+from freeze_agent.core.mode_timeline import plot_timeline
+from freeze_agent.core.modes import Mode, effective_modes, parse_modes
+from freeze_agent.core.prefix_cache import PrefixCache
 from freeze_agent.core.units import ModelInput, Unit, partition
+from freeze_agent.policies.base import Policy
+from freeze_agent.policies.registry import make_policy
 from freeze_agent.signals.attention import AttentionScore
 from freeze_agent.signals.dynamics import DynamicsTracker, UnitDynamics
 from freeze_agent.signals.observation import ObservationBuilder, Signals, has_plasticity
 from freeze_agent.signals.plasticity import PlasticityMonitor
+
+_STATE_FORMAT = 1
 
 
 class FreezeController:
@@ -49,7 +68,8 @@ class FreezeController:
             interval trains); needs ``signals``.
         predictor_dir: folder of the SmartFRZ predictor (default: the shipped one).
 
-    Call ``step(loss)`` once after each optimizer step and ``observe()`` once per decision.
+    Call ``step(loss)`` once after each optimizer step and ``observe()`` once per decision;
+    or build it with ``from_pretrained``, and ``step(loss)`` decides by itself.
     """
 
     def __init__(
@@ -92,12 +112,216 @@ class FreezeController:
         )
         self.observations = 0
         self.observations_with_plasticity = 0
+        self.last_observation: dict[str, np.ndarray] | None = None
         self.builder = ObservationBuilder(self.units, max_units, total_steps)
         self._interval_loss_sum, self._interval_loss_count = 0.0, 0
         self.interval_losses: list[float] = []
         self._lr_scales: list[float] | None = None
         self._scale_hooks: tuple[RemovableHandle, RemovableHandle] | None = None
         self._before: dict[torch.Tensor, torch.Tensor] = {}
+        # deployment: set by from_pretrained / attach_policy and wrap_loader
+        self.policy: Policy | None = None
+        self.schedule: DecisionSchedule | None = None
+        self.safety_net: SafetyNet | None = None
+        self.cache: PrefixCache | None = None
+        self._router: ForwardRouter | None = None
+        self._cache_reason = "wrap_loader() was not called"
+        self._retired: dict[int, str] = {}  # cache depths that failed, from a checkpoint
+        self._held_until: dict[int, int] = {}
+        self.timeline: list[dict[str, Any]] = []
+        self.validation: list[tuple[int, float]] = []
+        self._cost_sum = 0.0
+        self._costs: dict[tuple[tuple[Mode, ...], int], float] = {}
+        self.measured_seconds = 0.0
+        self.decision_seconds = 0.0
+        self._last_step_end: float | None = None
+
+    # ------------------------------------------------------------------ deployment
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        policy: str | Policy,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        example_input: ModelInput,
+        *,
+        total_steps: int | None = None,
+        decisions: int = 30,
+        interval_steps: int | None = None,
+        safety_net: bool | SafetyNet = True,
+        **kwargs: Any,
+    ) -> FreezeController:
+        """A controller that decides by itself, for a user's own training loop.
+
+        Loads ``policy``, partitions ``model`` and makes the first decision; from then on
+        ``step(loss)``, called once per optimizer step, observes, decides and applies the modes
+        at every interval.
+
+        Args:
+            policy: a shipped policy's name (``"default"``), a trained policy's folder, any
+                registered policy's spec (``"autofreeze"``, ``"linear-prefix:0.2"``) or a
+                ``Policy``.
+            model, optimizer, example_input: as for the constructor.
+            total_steps: optimizer steps the run will take (``epochs * len(loader)`` divided by
+                the gradient-accumulation steps); sets the interval and the progress feature.
+            decisions: decisions over ``total_steps`` (the shipped policy was trained with 30).
+            interval_steps: optimizer steps between decisions, instead of ``decisions``.
+            safety_net: True (default) for the default ``SafetyNet``, a ``SafetyNet`` to tune
+                it, False to turn it off.
+            **kwargs: the constructor's other arguments (``max_units``, ``reference``, ...).
+        """
+        chosen = make_policy(policy) if isinstance(policy, (str, Path)) else policy
+        if not isinstance(chosen, Policy):
+            raise TypeError(
+                f"policy must be a policy name, a policy folder or a Policy, got "
+                f"{type(policy).__name__}"
+            )
+        schedule = DecisionSchedule.plan(total_steps, decisions, interval_steps)
+        controller = cls(model, optimizer, example_input, total_steps=total_steps, **kwargs)
+        try:
+            controller.attach_policy(chosen, schedule, safety_net=safety_net)
+        except BaseException:
+            controller.close()
+            raise
+        return controller
+
+    def attach_policy(
+        self, policy: Policy, schedule: DecisionSchedule, *, safety_net: bool | SafetyNet = True
+    ) -> None:
+        """Let ``policy`` decide at ``schedule``'s steps from now on, and decide once now."""
+        policy.reset()  # a privileged policy refuses here, with the reason
+        self.policy, self.schedule = policy, schedule
+        if isinstance(safety_net, SafetyNet):
+            self.safety_net = safety_net
+        else:
+            self.safety_net = SafetyNet() if safety_net else None
+        if schedule.due(self.steps):
+            self.decide()
+
+    def decide(self) -> list[Mode]:
+        """Observe, let the policy decide and apply its modes; ``step`` calls it when due."""
+        if self.policy is None:
+            raise RuntimeError(
+                "no policy is attached: build the controller with "
+                "FreezeController.from_pretrained(policy, model, optimizer, example_input, ...)"
+            )
+        started = time.perf_counter()
+        observation = self.observe()
+        if self.safety_net is not None and self.steps and self.interval_losses:
+            self._raise_alarm(self.safety_net.watch_loss(self.interval_losses[-1]))
+        applied = self._apply(self.policy.decide(observation), cause="policy")
+        self.set_learning_rate_scales(self.policy.learning_rate_scales())
+        self.decision_seconds += time.perf_counter() - started
+        return applied
+
+    def report_validation(
+        self, metric: float, higher_is_better: bool = True, tolerance: float | None = None
+    ) -> None:
+        """Tell the safety net a validation result (accuracy, or a loss with
+        ``higher_is_better=False``); call it whenever the loop evaluates. If the metric fell
+        behind its best by more than the tolerance, the most recently frozen units go back to
+        TRAIN now (a warning says so)."""
+        self.validation.append((self.steps, float(metric)))
+        if self.safety_net is not None:
+            alarm = self.safety_net.report(
+                metric, higher_is_better=higher_is_better, tolerance=tolerance
+            )
+            self._raise_alarm(alarm)
+
+    def _raise_alarm(self, alarm: Alarm | None) -> None:
+        """Unfreeze the most recently frozen units (and LOCAL units after them, which would
+        stop their gradient) and hold them in TRAIN; a hold in force defers all but urgent
+        alarms, as recovery takes time."""
+        net = self.safety_net
+        if alarm is None or net is None or all(m is Mode.TRAIN for m in self._modes):
+            return
+        if self._holding() and not alarm.urgent:
+            return
+        candidates = [
+            u for u, m in enumerate(self._modes) if m is not Mode.TRAIN and u not in self._holding()
+        ]
+        units: list[int] = []
+        if candidates:
+            latest = max(self._mode_since[u] for u in candidates)
+            units = [u for u in candidates if self._mode_since[u] == latest]
+            units += [
+                u
+                for u in range(min(units) + 1, len(self.units))
+                if self._modes[u] is Mode.LOCAL and u not in units
+            ]
+        interval = self.schedule.interval_steps if self.schedule is not None else 1
+        until = self.steps + net.hold_decisions * interval
+        for u in units:
+            self._held_until[u] = until
+        self._apply(self._modes, cause="safety net")
+        net.events.append(SafetyNetEvent(self.steps, alarm.reason, sorted(units), until))
+        names = ", ".join(self.units[u].name for u in sorted(units)) or "none left to unfreeze"
+        warnings.warn(
+            f"freeze-agent safety net at step {self.steps}: {alarm.reason}; back to TRAIN "
+            f"until step {until}: {names}",
+            stacklevel=3,
+        )
+
+    def _holding(self) -> set[int]:
+        return {u for u, until in self._held_until.items() if until > self.steps}
+
+    def _apply(self, modes: Sequence[Mode | int | str], cause: str) -> list[Mode]:
+        """``set_modes`` with the safety net's holds in force, recorded in the timeline."""
+        requested = parse_modes(modes, len(self.units))
+        held = self._holding()
+        self._held_until = {u: self._held_until[u] for u in held}
+        for u in held:
+            requested[u] = Mode.TRAIN
+        applied = self._set_modes(requested)
+        self._record(cause)
+        return applied
+
+    def wrap_loader(
+        self,
+        loader: Iterable,
+        *,
+        deterministic: bool | None = None,
+        memory_budget_bytes: int = 1 << 30,
+        spill_dir: str | Path | None = None,
+    ) -> CachedLoader:
+        """The training loader, yielding the same batches; while the frozen prefix ends at a
+        cut point, each batch's training forward skips the prefix and reads its boundary
+        activation from the cache (``freeze_agent.controller.cached_loader``).
+
+        Args:
+            loader: a ``DataLoader`` over a map-style dataset (anything else passes through,
+                with the reason in ``summary()["cache"]``).
+            deterministic: whether a sample always reaches the model as the same input; None
+                checks it by collating a few samples twice.
+            memory_budget_bytes: memory for stored activations; rows beyond spill to disk.
+            spill_dir: folder of the spill files (a temporary folder by default).
+        """
+        self._drop_cache()
+        reason = why_not_cacheable(loader, deterministic)
+        if reason is not None:
+            self._cache_reason = reason
+            return CachedLoader(loader, None, reason)
+        self.cache = PrefixCache(
+            self.model,
+            self.units,
+            len(loader.dataset),  # type: ignore[attr-defined]
+            deterministic_data=True,
+            memory_budget_bytes=memory_budget_bytes,
+            spill_dir=Path(spill_dir) if spill_dir is not None else None,
+        )
+        self.cache.retire(self._retired)
+        self.cache.update(self._modes)
+        self._router = ForwardRouter(self.model, self.cache)
+        return CachedLoader(loader, self._router, None)
+
+    def _drop_cache(self) -> None:
+        if self._router is not None:
+            self._router.remove()
+            self._router = None
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
 
     # ------------------------------------------------------------------ modes
 
@@ -109,6 +333,15 @@ class FreezeController:
     def set_modes(self, modes: Sequence[Mode | int | str]) -> list[Mode]:
         """Apply ``modes`` (one per unit) and return the modes that actually apply: the head is
         always TRAIN, and TRAIN units upstream of a LOCAL unit become FROZEN."""
+        applied = self._set_modes(modes)
+        self._record("user")
+        return applied
+
+    def _record(self, cause: str) -> None:
+        modes = "".join(m.name[0] for m in self._modes)
+        self.timeline.append({"step": self.steps, "modes": modes, "cause": cause})
+
+    def _set_modes(self, modes: Sequence[Mode | int | str]) -> list[Mode]:
         new = effective_modes(modes, self.units)
         for unit, old_mode, new_mode in zip(self.units, self._modes, new, strict=True):
             if old_mode is new_mode:
@@ -116,7 +349,15 @@ class FreezeController:
             self._leave(unit, old_mode)
             self._enter(unit, new_mode)
             self._mode_since[unit.index] = self.steps
+        froze = any(
+            old is Mode.TRAIN and now is not Mode.TRAIN
+            for old, now in zip(self._modes, new, strict=True)
+        )
         self._modes = new
+        if froze and self.safety_net is not None:
+            self.safety_net.froze()
+        if self.cache is not None:
+            self.cache.update(new)
         return self.modes
 
     def set_learning_rate_scales(self, scales: Sequence[float] | None) -> None:
@@ -207,6 +448,25 @@ class FreezeController:
             self.dynamics.after_step()
         scale = self.weak_supervision.update(value)
         self._local.lr = self.local_lr * scale * self.lr_ratio()
+        now = time.perf_counter()
+        if self._last_step_end is not None:
+            self.measured_seconds += now - self._last_step_end
+        self._cost_sum += self._step_cost()
+        if self.policy is not None and self.schedule is not None and self.schedule.due(self.steps):
+            self.decide()
+        self._last_step_end = time.perf_counter()
+
+    def _step_cost(self) -> float:
+        """Modeled cost of the step just taken: rows served from the cache skip the prefix."""
+        depth, hit = self.cache.last_batch if self.cache is not None else (0, 0.0)
+        uncached = self._cost(0)
+        return uncached if not depth else hit * self._cost(depth) + (1 - hit) * uncached
+
+    def _cost(self, cached_prefix: int) -> float:
+        key = (tuple(self._modes), cached_prefix)
+        if key not in self._costs:
+            self._costs[key] = self.cost_ratio(cached_prefix)
+        return self._costs[key]
 
     def _current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -262,6 +522,7 @@ class FreezeController:
         )
         self.observations += 1
         self.observations_with_plasticity += has_plasticity(observation)
+        self.last_observation = observation
         return observation
 
     def signal_report(self) -> dict[str, float | int]:
@@ -276,9 +537,146 @@ class FreezeController:
             "reference_wait_seconds": monitor.wait_seconds if monitor is not None else 0.0,
         }
 
+    def summary(self) -> dict[str, Any]:
+        """What the controller did so far, as plain data (for logs and reports).
+
+        ``timeline``: one string of mode letters (T/L/F, one per unit) per decision, at
+        ``decision_steps``; ``modeled_speedup``: all-TRAIN cost over the modeled cost of the
+        steps taken (cache hits included); ``measured_seconds``: wall time between consecutive
+        ``step`` calls, decisions excluded (``decision_seconds``); ``cache``: hits, misses, state
+        and why it is off; ``safety_net``: its interventions (None when it is off).
+        """
+        cache: dict[str, Any]
+        if self.cache is not None:
+            cache = asdict(self.cache.stats())
+            cache["routed_batches"] = self._router.routed if self._router is not None else 0
+        else:
+            cache = {"state": "off", "hits": 0, "misses": 0, "reason_off": self._cache_reason}
+        return {
+            "policy": self.policy.name if self.policy is not None else None,
+            "units": [unit.name for unit in self.units],
+            "steps": self.steps,
+            "timeline": [entry["modes"] for entry in self.timeline],
+            "decision_steps": [entry["step"] for entry in self.timeline],
+            "causes": [entry["cause"] for entry in self.timeline],
+            "modeled_speedup": self.steps / self._cost_sum if self._cost_sum > 0 else 1.0,
+            "measured_seconds": self.measured_seconds,
+            "decision_seconds": self.decision_seconds,
+            "cache": cache,
+            "safety_net": (
+                [event.to_dict() for event in self.safety_net.events]
+                if self.safety_net is not None
+                else None
+            ),
+            "validation": [list(entry) for entry in self.validation],
+            "signals": self.signal_report(),
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue with the same decisions: modes, the step
+        count, signal history (dynamics, plasticity and its reference results, the attention
+        history, losses), the policy's and the safety net's state, the timeline and the
+        activation cache's retired boundaries (stored activations refill after a resume).
+
+        Plain data and tensors only, so ``torch.save`` / ``torch.load(weights_only=True)`` and
+        framework checkpoints carry it. Save the model and optimizer beside it as usual.
+        """
+        return {
+            "format": _STATE_FORMAT,
+            "units": [unit.name for unit in self.units],
+            "modes": [int(m) for m in self._modes],
+            "mode_since": list(self._mode_since),
+            "steps": self.steps,
+            "last_loss": self.last_loss,
+            "interval_loss": [self._interval_loss_sum, self._interval_loss_count],
+            "interval_losses": list(self.interval_losses),
+            "observations": [self.observations, self.observations_with_plasticity],
+            "initial_lr": self._initial_lr,
+            "lr_scales": self._lr_scales,
+            "weak_supervision": self.weak_supervision.state_dict(),
+            "builder": self.builder.state_dict(),
+            "dynamics": self.dynamics.state_dict() if self.dynamics is not None else None,
+            "plasticity": self.plasticity.state_dict() if self.plasticity is not None else None,
+            "attention": self.attention.history.state_dict() if self.attention else None,
+            "policy": self.policy.state_dict() if self.policy is not None else None,
+            "safety_net": self.safety_net.state_dict() if self.safety_net is not None else None,
+            "held_until": dict(self._held_until),
+            "timeline": [dict(entry) for entry in self.timeline],
+            "validation": [list(entry) for entry in self.validation],
+            "cost": [self._cost_sum, self.measured_seconds, self.decision_seconds],
+            "cache_failed": self.cache.failed if self.cache is not None else dict(self._retired),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()``'s checkpoint: build the controller as the first run
+        did (same model, policy and arguments), load the model and optimizer, then this."""
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ValueError(
+                "not a FreezeController checkpoint (no 'format' entry of version "
+                f"{_STATE_FORMAT}): pass what FreezeController.state_dict() returned"
+            )
+        names = [unit.name for unit in self.units]
+        if state["units"] != names:
+            raise ValueError(
+                f"the checkpoint is of a model partitioned into {len(state['units'])} units "
+                f"({', '.join(state['units'])}), this controller has {len(names)} "
+                f"({', '.join(names)}): build it with the same model and max_units"
+            )
+        for part, owner in (
+            ("dynamics", self.dynamics),
+            ("plasticity", self.plasticity),
+            ("policy", self.policy),
+            ("safety_net", self.safety_net),
+        ):
+            if (state[part] is None) != (owner is None):
+                saved = "with" if state[part] is not None else "without"
+                raise ValueError(
+                    f"the checkpoint was saved {saved} {part.replace('_', ' ')}; build the "
+                    "controller with the same arguments as the run that saved it"
+                )
+        self.steps = state["steps"]
+        self._set_modes([Mode(m) for m in state["modes"]])
+        self._mode_since = list(state["mode_since"])
+        self.last_loss = state["last_loss"]
+        self._interval_loss_sum, self._interval_loss_count = state["interval_loss"]
+        self.interval_losses = list(state["interval_losses"])
+        self.observations, self.observations_with_plasticity = state["observations"]
+        self._initial_lr = state["initial_lr"]
+        self.set_learning_rate_scales(state["lr_scales"])
+        self.weak_supervision.load_state_dict(state["weak_supervision"])
+        self.builder.load_state_dict(state["builder"])
+        if self.dynamics is not None:
+            self.dynamics.load_state_dict(state["dynamics"])
+        if self.plasticity is not None:
+            self.plasticity.load_state_dict(state["plasticity"])
+        if self.attention is not None and state["attention"] is not None:
+            self.attention.history.load_state_dict(state["attention"])
+        if self.policy is not None:
+            self.policy.load_state_dict(state["policy"])
+        if self.safety_net is not None:
+            self.safety_net.load_state_dict(state["safety_net"])
+        self._held_until = {int(u): until for u, until in state["held_until"].items()}
+        self.timeline = [dict(entry) for entry in state["timeline"]]
+        self.validation = [(step, value) for step, value in state["validation"]]
+        self._cost_sum, self.measured_seconds, self.decision_seconds = state["cost"]
+        self._last_step_end = None
+        self._retired = {int(depth): why for depth, why in state["cache_failed"].items()}
+        if self.cache is not None:
+            self.cache.retire(self._retired)
+
+    def plot_timeline(self, path: str | Path, title: str = "") -> Path:
+        """Draw the mode timeline (units down, decisions across) to an image file."""
+        figure = plot_timeline([u.name for u in self.units], self.summary()["timeline"], title)
+        figure.savefig(path)
+        return Path(path)
+
     def close(self) -> None:
-        """Return every unit to TRAIN, remove all hooks and stop the reference worker."""
-        self.set_modes([Mode.TRAIN] * len(self.units))
+        """Return every unit to TRAIN, remove all hooks, drop the activation cache and stop the
+        reference worker."""
+        self._drop_cache()
+        self._set_modes([Mode.TRAIN] * len(self.units))
         self.set_learning_rate_scales(None)
         if self._scale_hooks is not None:
             for handle in self._scale_hooks:

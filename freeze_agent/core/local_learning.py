@@ -126,3 +126,14 @@ class WeakSupervision:
             self._previous_mean = mean
             self._current.clear()
         return self.scale
+
+    def state_dict(self) -> dict:
+        return {
+            "scale": self.scale,
+            "current": list(self._current),
+            "previous": self._previous_mean,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self._previous_mean = state["scale"], state["previous"]
+        self._current = deque(state["current"])

@@ -11,6 +11,7 @@ its signature.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import typing
 from abc import ABC, abstractmethod
@@ -56,6 +57,16 @@ class Policy(ABC):
 
     @abstractmethod
     def decide(self, observation: Observation) -> list[Mode]: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the policy learned of the current run, for a checkpoint: by convention the
+        state a run builds up lives in underscore attributes that ``reset`` sets, so these are
+        saved (copied); a policy whose state is not plain data overrides this pair."""
+        return {k: copy.deepcopy(v) for k, v in vars(self).items() if k.startswith("_")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, copy.deepcopy(value))
 
     def learning_rate_scales(self) -> list[float] | None:
         """Per-unit multipliers of the learning rate that go with the last ``decide`` (None:

@@ -29,6 +29,13 @@ class RandomPrefix(Policy):
         super().reset(reference)
         self._rng = np.random.default_rng(self.seed)
 
+    def state_dict(self) -> dict:
+        return {"rng": self._rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._rng = np.random.default_rng(self.seed)
+        self._rng.bit_generator.state = state["rng"]
+
     def decide(self, observation: Observation) -> list[Mode]:
         n = n_units(observation)
         return prefix_modes(int(self._rng.binomial(max(n - 1, 0), self.fraction)), n)

@@ -9,7 +9,7 @@ last step also pays for final accuracy lost beyond a tolerance.
 
 Registered as ``freeze_agent/FreezeTraining-v0``::
 
-    env = gymnasium.make("freeze_agent/FreezeTraining-v0", tasks="envs/train")
+    env = gymnasium.make("freeze_agent/FreezeTraining-v0", tasks="train")
 """
 
 from __future__ import annotations

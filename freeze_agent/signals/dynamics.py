@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -101,6 +101,25 @@ class DynamicsTracker:
         torch._foreach_zero_(self._grad_sum)
         self._start_weights = self._copy_weights()
         return self.dynamics
+
+    def state_dict(self) -> dict:
+        """The signals so far and the open interval's sums, for a resumed run to continue
+        exactly (the sums and start weights are as large as the parameters)."""
+        return {
+            "dynamics": [asdict(d) for d in self.dynamics],
+            "steps_with_grad": list(self._steps_with_grad),
+            "grad_sum": [t.detach().cpu().clone() for t in self._grad_sum],
+            "start_weights": [t.detach().cpu().clone() for t in self._start_weights],
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        self.dynamics = [UnitDynamics(**d) for d in state["dynamics"]]
+        self._steps_with_grad = list(state["steps_with_grad"])
+        for mine, saved in zip(self._grad_sum, state["grad_sum"], strict=True):
+            mine.copy_(saved)
+        for mine, saved in zip(self._start_weights, state["start_weights"], strict=True):
+            mine.copy_(saved)
 
 
 def _norm(tensors: Sequence[torch.Tensor]) -> float:

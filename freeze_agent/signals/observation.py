@@ -156,6 +156,12 @@ class ObservationBuilder:
         self._max_plasticity = 0.0
         self._static = self._static_features()
 
+    def state_dict(self) -> dict:
+        return {"max_grad": self._max_grad, "max_plasticity": self._max_plasticity}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._max_grad, self._max_plasticity = state["max_grad"], state["max_plasticity"]
+
     def _static_features(self) -> np.ndarray:
         n = len(self.units)
         total_params = max(sum(u.num_params for u in self.units), 1)

@@ -65,6 +65,7 @@ class PlasticityMonitor:
         probe_flops = sum(u.flops_forward for u in self.units) * batch_size_of(probe_input)
         self._small = probe_flops < SMALL_WORK_FLOPS and _on_cpu(model)
         self.reference: ReferenceOutputs | None = None
+        self._arrived: ReferenceOutputs | None = None  # the requested result, taken already
         self._reference_grams: list[torch.Tensor] = []  # G(reference output), once per result
         self._due_at: int | None = None  # the check at which the requested snapshot is used
         self._in_use_since = 0  # the check at which the reference in use became due
@@ -93,7 +94,7 @@ class PlasticityMonitor:
         """Use the snapshot requested ``lag`` checks ago, waiting for it if it is late."""
         if self._due_at is None or check < self._due_at:
             return
-        result = self.worker.poll()
+        result, self._arrived = self._arrived or self.worker.poll(), None
         if result is None and self.worker.available:
             self.waits += 1
             started = time.perf_counter()
@@ -125,9 +126,52 @@ class PlasticityMonitor:
         trends = [slope(h) for h in self.history]
         return values, trends, check - self._in_use_since
 
+    def state_dict(self) -> dict:
+        """The schedule, history and reference results, for a resumed run to measure exactly
+        what the uninterrupted run would: a snapshot still in flight is waited for, so its
+        result is saved too."""
+        if self._due_at is not None and self._arrived is None and self.worker.available:
+            self._arrived = self.worker.wait(self.worker.startup_timeout_s + self.worker.timeout_s)
+        return {
+            "checks": self.checks,
+            "waits": self.waits,
+            "wait_seconds": self.wait_seconds,
+            "history": [list(h) for h in self.history],
+            "due_at": self._due_at if self._arrived is not None else None,
+            "in_use_since": self._in_use_since,
+            "reference": _result_state(self.reference),
+            "arrived": _result_state(self._arrived),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state``; a snapshot this process already sent is dropped, as it
+        belongs to the run before the checkpoint's step."""
+        if self.worker.available:
+            self.worker.wait(self.worker.startup_timeout_s + self.worker.timeout_s)
+        reference = _result_from_state(state["reference"])
+        if reference is not None:
+            self._use_reference(reference, state["in_use_since"])
+        else:
+            self.reference, self._reference_grams = None, []
+        self.checks, self.waits = state["checks"], state["waits"]
+        self.wait_seconds = state["wait_seconds"]
+        self.history = [list(h) for h in state["history"]]
+        self._in_use_since, self._due_at = state["in_use_since"], state["due_at"]
+        self._arrived = _result_from_state(state["arrived"])
+
     def close(self) -> None:
         """Release the reference worker: its child goes back to the pool if idle, else dies."""
         self.worker.close()
+
+
+def _result_state(result: ReferenceOutputs | None) -> dict | None:
+    if result is None:
+        return None
+    return {"step": result.step, "outputs": list(result.outputs), "seconds": result.seconds}
+
+
+def _result_from_state(state: dict | None) -> ReferenceOutputs | None:
+    return None if state is None else ReferenceOutputs(**state)
 
 
 def _on_cpu(model: torch.nn.Module) -> bool:

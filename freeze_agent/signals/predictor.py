@@ -114,6 +114,13 @@ class WeightHistory:
         """Take a snapshot now (call once per decision, before asking the predictor)."""
         self._snapshots.append(self.sampler.snapshot())
 
+    def state_dict(self) -> dict:
+        return {"snapshots": [s.clone() for s in self._snapshots]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._snapshots.clear()
+        self._snapshots.extend(state["snapshots"])
+
     def tensor(self) -> torch.Tensor:
         """The recorded snapshots, oldest first: (n_units, T, size) with 1 <= T <= history."""
         if not self._snapshots:
