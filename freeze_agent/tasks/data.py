@@ -17,23 +17,32 @@ three disjoint, deterministic splits held as tensors (all of them fit in memory)
 Float inputs are standardized with one mean and standard deviation computed on the training
 split. Slow steps (generating MNIST-1D, tokenizing text) are cached as `.npz` files under
 `cache_dir()`; nothing is pickled.
+
+A task spec can also name a *dataset factory*, `dataset: {factory: "package.module:callable",
+kwargs: {...}}`: a callable that takes its `kwargs` and returns a `Dataset` like the loaders
+here do (three `Split`s held as tensors, so every epoch sees the same samples and the activation
+cache applies). `check_dataset` is the contract it must meet, and says what is wrong when it is
+not met. The task runs the factory inside `seeded_rngs(split_seed)`, so a factory that shuffles
+with the global random generators gives the same splits every time and disturbs no one else's.
 """
 
 from __future__ import annotations
 
 import bz2
+import contextlib
 import csv
 import gzip
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import numbers
 import os
 import random
 import re
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,8 +76,12 @@ class Split:
 
     def __post_init__(self) -> None:
         tensors = self.inputs.values() if isinstance(self.inputs, dict) else [self.inputs]
-        if any(t.shape[0] != self.targets.shape[0] for t in tensors):
-            raise ValueError("inputs and targets must have the same number of rows")
+        rows = [t.shape[0] for t in tensors]
+        if any(n != self.targets.shape[0] for n in rows):
+            raise ValueError(
+                "inputs and targets must have the same number of rows, got "
+                f"{', '.join(map(str, rows))} input rows and {self.targets.shape[0]} targets"
+            )
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
@@ -102,6 +115,10 @@ class Dataset:
     vocab_size: int | None = None  # for token inputs, else None
     random_augmentation: bool = False  # every loader here is deterministic
     info: dict = field(default_factory=dict)
+
+
+TASK_TYPES = ("classification", "language_modeling")
+SPLIT_NAMES = ("train", "val", "test")
 
 
 def cache_dir() -> Path:
@@ -705,3 +722,157 @@ def load_dataset(
         raise ValueError(f"unknown option(s) {', '.join(unknown)} for {name}; valid: {valid}")
     merged = {**entry.options, **options}
     return entry.load(n_train, n_val, n_test, split_seed, **merged)
+
+
+# --- datasets from a task spec's factory -------------------------------------------------------
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """Seed Python's, NumPy's and torch's global CPU generators with ``seed``, and put them back
+    as they were on the way out.
+
+    A dataset factory runs inside it, so that a factory drawing its splits from the global
+    generators is deterministic (the same ``split_seed`` gives the same tensors, whatever ran
+    before in the process) and the caller's random streams are left untouched.
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.default_generator.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def _kind(value: Any) -> str:
+    """How an error message names the type of ``value``: "a dict", "None"."""
+    return "None" if value is None else f"a {type(value).__module__}.{type(value).__qualname__}"
+
+
+def _count(value: Any, low: int) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+
+
+def check_dataset(dataset: Any) -> Dataset:
+    """``dataset`` itself if it meets the contract of a dataset factory's result, else a
+    ValueError that says what is wrong (the message completes "returned ...").
+
+    The contract is what the built-in loaders produce and the trainer relies on:
+
+    - a ``Dataset`` whose ``train``, ``val`` and ``test`` are ``Split`` objects with at least one
+      row each (the trainer takes ``batch_size`` rows per step from ``train``, reports ``val`` and
+      ``test``);
+    - inputs are a tensor, or a non-empty dict of tensors (the model is then called with them as
+      keywords), with the same keys, dtypes and per-sample shape in every split; that shape is
+      ``input_shape`` (of ``input_ids`` for a dict that has them), which is what a model
+      factory is told;
+    - targets are int64 class indices in ``[0, num_classes)``: one per row for
+      ``task_type="classification"``, one per position (at least 2-D) for
+      ``"language_modeling"``, where ``num_classes`` is the vocabulary size;
+    - ``num_classes`` is an int >= 1, ``vocab_size`` None or an int >= 1, ``random_augmentation``
+      a bool and ``info`` a dict.
+
+    Checking all this when the task is built turns a malformed dataset into one clear error
+    instead of a shape or dtype error deep inside a training step.
+    """
+    if not isinstance(dataset, Dataset):
+        raise ValueError(
+            f"{_kind(dataset)}, not a freeze_agent.tasks.data.Dataset (build one from three "
+            "Split objects, a task_type, num_classes and input_shape)"
+        )
+    if not isinstance(dataset.name, str):
+        raise ValueError(f"a dataset whose name is {_kind(dataset.name)}, not a string")
+    if dataset.task_type not in TASK_TYPES:
+        raise ValueError(
+            f"a dataset with task_type {dataset.task_type!r}; it must be one of "
+            f"{', '.join(map(repr, TASK_TYPES))}"
+        )
+    if not _count(dataset.num_classes, 1):
+        raise ValueError(f"a dataset with num_classes {dataset.num_classes!r}; need an int >= 1")
+    shape = dataset.input_shape
+    if not isinstance(shape, (tuple, list)) or not all(_count(s, 1) for s in shape):
+        raise ValueError(
+            f"a dataset with input_shape {shape!r}; need a tuple of ints >= 1 (one sample's shape)"
+        )
+    if dataset.vocab_size is not None and not _count(dataset.vocab_size, 1):
+        raise ValueError(f"a dataset with vocab_size {dataset.vocab_size!r}; need None or an int")
+    if not isinstance(dataset.random_augmentation, bool):
+        raise ValueError(
+            f"a dataset with random_augmentation {dataset.random_augmentation!r}; need a bool"
+        )
+    if not isinstance(dataset.info, dict):
+        raise ValueError(f"a dataset whose info is {_kind(dataset.info)}, not a dict")
+    layout = None  # (keys, dtypes) of the first split's inputs: the others must match it
+    for name in SPLIT_NAMES:
+        split = getattr(dataset, name)
+        if not isinstance(split, Split):
+            raise ValueError(f"a dataset whose {name} split is {_kind(split)}, not a Split")
+        found = _check_split(split, name, dataset)
+        if layout is None:
+            layout = found
+        elif found != layout:
+            raise ValueError(
+                f"a dataset whose {name} inputs differ from the train inputs in keys or dtype "
+                f"({_describe(found)} against {_describe(layout)})"
+            )
+    return dataset
+
+
+def _check_split(split: Split, name: str, dataset: Dataset) -> tuple:
+    """Check one split against the dataset's facts; returns its inputs' (keys, dtypes)."""
+    if isinstance(split.inputs, dict):
+        tensors = split.inputs
+        if not tensors or not all(isinstance(k, str) for k in tensors):
+            raise ValueError(f"a dataset whose {name} inputs are a dict without string keys")
+    else:
+        tensors = {"": split.inputs}
+    for key, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            what = f"inputs[{key!r}]" if key else "inputs"
+            raise ValueError(
+                f"a dataset whose {name} {what} are {_kind(tensor)}, not a torch.Tensor "
+                "(convert arrays with torch.from_numpy)"
+            )
+    if not isinstance(split.targets, torch.Tensor):
+        raise ValueError(
+            f"a dataset whose {name} targets are {_kind(split.targets)}, not a torch.Tensor"
+        )
+    if len(split) == 0:
+        raise ValueError(f"a dataset whose {name} split has no rows")
+    main = tensors.get("input_ids", tensors.get(""))
+    if main is not None and tuple(main.shape[1:]) != tuple(dataset.input_shape):
+        raise ValueError(
+            f"a dataset whose {name} inputs have per-sample shape {tuple(main.shape[1:])}, "
+            f"but its input_shape says {tuple(dataset.input_shape)}"
+        )
+    targets = split.targets
+    if targets.dtype != torch.int64:
+        raise ValueError(
+            f"a dataset whose {name} targets have dtype {targets.dtype}; they must be int64 "
+            "class indices (use targets.long())"
+        )
+    if dataset.task_type == "classification" and targets.dim() != 1:
+        raise ValueError(
+            f"a classification dataset whose {name} targets have shape {tuple(targets.shape)}; "
+            "need one class index per row, shape (rows,)"
+        )
+    if dataset.task_type == "language_modeling" and targets.dim() < 2:
+        raise ValueError(
+            f"a language-modelling dataset whose {name} targets have shape "
+            f"{tuple(targets.shape)}; need one token id per position, shape (rows, positions)"
+        )
+    low, high = int(targets.min()), int(targets.max())
+    if low < 0 or high >= dataset.num_classes:
+        raise ValueError(
+            f"a dataset whose {name} targets run from {low} to {high}, outside "
+            f"[0, num_classes={dataset.num_classes})"
+        )
+    return tuple(sorted((key, tensor.dtype) for key, tensor in tensors.items()))
+
+
+def _describe(layout: tuple) -> str:
+    return ", ".join(f"{key or 'tensor'}: {dtype}" for key, dtype in layout)

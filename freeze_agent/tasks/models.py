@@ -27,6 +27,18 @@ Families (hyper-parameters and defaults: ``hyper_defaults``):
 - ``minilm``: pretrained all-MiniLM-L6-v2, masked mean pooling, dropout, Linear head.
 
 Pooling never shrinks a spatial side below 2, so 8×8 images work as well as 28×28 ones.
+
+A task spec can name a *model factory* instead of a family, ``model: {factory:
+"package.module:callable", kwargs: {...}}``. It is called as ``factory(input_shape=...,
+num_classes=..., vocab_size=..., **kwargs)`` (:data:`MODEL_FACTORY_ARGUMENTS`: the dataset
+facts ``build_model`` gives a family, with the same meaning; the trainer seeds torch first, so
+the same seed gives the same weights) and must return a fresh ``nn.Module`` with trainable
+parameters (``check_model``). The trainer calls it as ``model(inputs)``, or ``model(**inputs)``
+for dict inputs, and takes logits (N, num_classes), or (N, T, vocab) for language modelling,
+or an output with ``.logits``. Any module can be partitioned (``freeze_agent.core.units``), but
+a plain chain of blocks, like ``ChainModel``, gives the clearest units and the deepest
+cacheable prefixes. Define its class at module level in an importable module: the reference
+worker unpickles a copy in another process.
 """
 
 from __future__ import annotations
@@ -46,16 +58,20 @@ from torch import Tensor, nn
 
 __all__ = [
     "FAMILIES",
+    "MODEL_FACTORY_ARGUMENTS",
     "ChainModel",
     "ConvBlock",
     "GRULayer",
     "MiniLMClassifier",
     "ResidualBlock",
     "build_model",
+    "check_model",
     "hyper_defaults",
 ]
 
 NLP_INSTALL_HINT = "pip install -e '.[nlp]'"
+MODEL_FACTORY_ARGUMENTS = ("input_shape", "num_classes", "vocab_size")
+"""The keyword arguments a task's model factory is always given, from the dataset."""
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d}
 _BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
@@ -637,3 +653,21 @@ def build_model(
     if not _is_int(num_classes) or num_classes < 1:
         raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
     return spec.build(shape, int(num_classes), **params)
+
+
+def check_model(model: Any) -> nn.Module:
+    """``model`` itself if it is what a model factory must return, else a ValueError saying what
+    it is instead (the message completes "returned ...").
+
+    A model factory must return an ``nn.Module`` with at least one parameter that requires a
+    gradient: the optimizer is built over its parameters and the controller trains, freezes and
+    partitions it, so anything else would fail later with a less clear error.
+    """
+    if not isinstance(model, nn.Module):
+        kind = "None" if model is None else f"a {type(model).__module__}.{type(model).__qualname__}"
+        raise ValueError(f"{kind}, not a torch.nn.Module")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            f"a {type(model).__qualname__} with no trainable parameters (none requires a gradient)"
+        )
+    return model
