@@ -156,6 +156,12 @@ class PrefixCache:
                 return k, None
         if cuts:
             return 0, self._failed[cuts[0]]
+        tied = next((u for u in self.units[:frozen] if u.tied_to), None)
+        if tied is not None:
+            return 0, (
+                f"unit {tied.index} uses a parameter tied to unit {tied.tied_to[0]}, which keeps "
+                "training, so no frozen prefix holding it has a fixed output"
+            )
         earlier = " (nor is any unit before it)" if frozen > 1 else ""
         return 0, f"unit {frozen - 1} is not a cut point{earlier}"
 

@@ -23,9 +23,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def run_once(model: str, policy: str, seed: int, epochs: int) -> dict:
+def run_once(model: str, policy: str, seed: int, epochs: int, threads: int | None) -> dict:
     command = [sys.executable, str(HERE / "plain_loop.py"), "--model", model, "--policy", policy]
     command += ["--seed", str(seed), "--epochs", str(epochs), "--json"]
+    command += ["--threads", str(threads)] if threads else []
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
@@ -71,6 +72,7 @@ def main() -> None:
     parser.add_argument("--policy", default="default")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--out", type=Path, default=Path("runs/bench_plain_loop"))
+    parser.add_argument("--threads", type=int, help="torch threads per run (default: torch's)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "records.jsonl"
@@ -81,7 +83,7 @@ def main() -> None:
         for policy in order:
             if (model, policy, seed) in done:
                 continue
-            record = run_once(model, policy, seed, args.epochs)
+            record = run_once(model, policy, seed, args.epochs, args.threads)
             records.append(record)
             with path.open("a") as out:
                 out.write(json.dumps(record) + "\n")

@@ -194,7 +194,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = train(args.model, args.policy, args.seed, args.epochs)
     if args.json:
         print(json.dumps(result))

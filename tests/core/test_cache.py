@@ -420,3 +420,25 @@ def test_prefetch_delivers_the_order_and_stops_on_close():
     assert len(prefetch_threads()) == 1
     store.close()  # its queue is full and nobody reads: close must still end it
     assert not prefetch_threads()
+
+
+class TiedNet(nn.Module):
+    """An embedding whose weight is also the output layer's, as GPT-2's is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, LENGTH)
+        self.body = nn.Sequential(nn.Linear(LENGTH, LENGTH), nn.ReLU(), nn.Linear(LENGTH, LENGTH))
+        self.head = nn.Linear(LENGTH, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = (x.flatten(1)[:, 0].abs() * 3).long().clamp(max=9)
+        return self.head(self.body(self.embed(tokens)))
+
+
+def test_a_prefix_holding_a_tied_parameter_is_never_cached():
+    run = train(TiedNet, 2, cached=True)
+    stats = run.epoch_stats[-1]
+    assert (stats.state, stats.hits) == ("off", 0)
+    assert "unit 0 uses a parameter tied to unit 2" in stats.reason_off
