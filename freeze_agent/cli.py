@@ -113,10 +113,39 @@ def _parser() -> argparse.ArgumentParser:
     profile.set_defaults(handler=_profile)
 
     overhead = commands.add_parser(
-        "overhead", help="cost of the signal machinery: training time with vs without it"
+        "overhead",
+        help="cost of the signal machinery: repeated A/B pairs of training with vs without it",
+        description="Train two copies of TASK from the same seed, A with every signal and B "
+        "bare. After a warm-up, each interval is one pair: both copies train it back to back, in "
+        "blocks interleaved A B B A (B A A B every other pair). Prints the median overhead of the "
+        "pairs, their spread, the whole-run ratio, where A's extra time goes, and a verdict "
+        "against the 2% bound (on the worst run's median with --repeats).",
     )
     overhead.add_argument("task", nargs="?", default=DEFAULT_TASK, help="task name or YAML path")
-    overhead.add_argument("--intervals", type=_count, default=None, help="default: the whole run")
+    overhead.add_argument(
+        "--intervals", type=_count, default=None, help="warm-up included (default: the whole run)"
+    )
+    overhead.add_argument(
+        "--warmup",
+        type=_integer_from(0, "a warm-up"),
+        default=_OVERHEAD_WARMUP,
+        help="intervals trained untimed first, while the reference worker starts "
+        "(default: %(default)s)",
+    )
+    overhead.add_argument(
+        "--blocks",
+        type=_count,
+        default=_OVERHEAD_BLOCKS,
+        help="blocks each copy trains a pair's interval in (default: %(default)s)",
+    )
+    overhead.add_argument(
+        "--repeats", type=_count, default=1, help="run the whole A/B this many times"
+    )
+    overhead.add_argument(
+        "--control",
+        action="store_true",
+        help="A/A control: both copies bare, to read the noise floor of the machine",
+    )
     overhead.add_argument("--seed", type=_seed, default=0)
     overhead.add_argument("--device", default=None)
     overhead.add_argument("--json", type=Path, default=None)
@@ -143,7 +172,7 @@ def _parser() -> argparse.ArgumentParser:
         help="play a policy on tasks and compare it with training without freezing",
     )
     evaluate.add_argument("policy", help="a policy folder, a shipped policy's name or a baseline")
-    evaluate.add_argument("--tasks", nargs="+", default=["envs/val", "envs/heldout"])
+    evaluate.add_argument("--tasks", nargs="+", default=["val", "heldout"])
     evaluate.add_argument("--seeds", nargs="+", type=_seed, default=[0, 1, 2])
     evaluate.add_argument(
         "--remeasure",
@@ -408,27 +437,141 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _overhead(args: argparse.Namespace) -> int:
-    from freeze_agent.bench.overhead import measure_overhead
+    from freeze_agent.bench.overhead import BUSY_FACTOR, CHILD_CPU, PARTS, measure_overheads
 
     task = load_task(args.task)
-    with console.status(f"measuring the signal overhead on {task.name} (A/B interleaved)"):
-        result = measure_overhead(
-            task, seed=args.seed, intervals=args.intervals, device=args.device
+    what = f"measuring the signal overhead on {task.name} (A/B pairs)"
+    finished: list[Any] = []
+    with console.status(what) as status:
+
+        def on_run(run: Any) -> None:
+            finished.append(run)
+            done = f"run {len(finished)} of {args.repeats} done"
+            status.update(f"{what}: {done}, median {_percent(run.median)}")
+
+        result = measure_overheads(
+            task,
+            repeats=args.repeats,
+            on_run=on_run,
+            seed=args.seed,
+            intervals=args.intervals,
+            warmup=args.warmup,
+            blocks=args.blocks,
+            device=args.device,
+            signals=not args.control,
         )
-    table = Table(show_header=False, title=f"{task.name}: signal overhead, every unit in TRAIN")
-    table.add_row("intervals (interleaved A/B)", str(result.intervals))
-    table.add_row("training with signals", f"{result.seconds_with_signals:.2f} s")
-    table.add_row("  of which observe()", f"{result.observe_seconds:.2f} s")
-    with_plasticity = f"{result.intervals_with_plasticity} of {result.intervals}"
-    table.add_row("  observations with plasticity", with_plasticity)
-    waits = f"{_count_of(result.reference_waits, 'wait')}, {result.reference_wait_seconds:.2f} s"
-    table.add_row("  waits for a late reference result", waits)
-    table.add_row("training without", f"{result.seconds_without:.2f} s")
-    table.add_row("ratio", f"{result.ratio:.3f}  ({100 * (result.ratio - 1):+.1f}%)")
-    _show(table)
+    runs = result.runs
+    _show(_overhead_table(runs[0]) if len(runs) == 1 else _overhead_runs_table(runs))
+    if not args.control:
+        _show(_overhead_parts_table(runs, [*PARTS, CHILD_CPU], CHILD_CPU))
+    busy = [i for i, run in enumerate(runs, 1) if run.busy > BUSY_FACTOR]
+    if busy:
+        which = "this run" if len(runs) == 1 else "run " + ", ".join(map(str, busy))
+        console.print(
+            f"[yellow]the machine was busy[/] in {which}: the median bare block took more than "
+            f"{BUSY_FACTOR:g}x the fastest one; other jobs blur these figures"
+        )
+    if len(runs) > 1:
+        console.print(
+            f"{len(runs)} runs: median overhead {_percent(result.median)}, worst "
+            f"{_percent(result.worst)} (each run's median over its pairs)"
+        )
+    which = "the median" if len(runs) == 1 else "the worst run's median"
+    if args.control:
+        console.print(
+            f"A/A control (both copies bare): {which} {_percent(result.worst)} is the noise "
+            "floor of this machine; no verdict"
+        )
+    else:
+        verdict = "[bold green]PASS[/]" if result.meets_bound else "[bold red]FAIL[/]"
+        relation = "is within" if result.meets_bound else "exceeds"
+        console.print(
+            f"{verdict}: {which} {_percent(result.worst)} {relation} the "
+            f"{100 * result.bound:g}% bound on the signal overhead"
+        )
     if args.json:
-        _write_json(args.json, result.to_dict())
+        _write_json(args.json, {**result.to_dict(), "control": args.control})
     return 0
+
+
+# freeze_agent.bench.overhead's WARMUP_INTERVALS and BLOCKS (that module imports torch)
+_OVERHEAD_WARMUP, _OVERHEAD_BLOCKS = 2, 2
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:+.1f}%"
+
+
+def _waits(count: int, seconds: float) -> str:
+    return f"{_count_of(count, 'wait')}, {seconds:.2f} s"
+
+
+def _overhead_table(run: Any) -> Table:
+    table = Table(show_header=False, title=f"{run.task}: signal overhead, every unit in TRAIN")
+    q1, q3 = run.quartiles
+    low, high = run.extremes
+    order = "A B B A / B A A B" if run.blocks > 1 else "A B / B A"
+    table.add_row(f"A/B pairs (one interval each, {order})", str(len(run.pairs)))
+    table.add_row("overhead per pair: median", _percent(run.median))
+    table.add_row("  quartiles", f"{_percent(q1)} to {_percent(q3)}")
+    table.add_row("  min to max", f"{_percent(low)} to {_percent(high)}")
+    table.add_row("training with signals (A)", f"{run.seconds_with_signals:.2f} s")
+    table.add_row("  of which observe()", f"{run.observe_seconds:.2f} s")
+    waits = _waits(run.reference_waits, run.reference_wait_seconds)
+    table.add_row("  waits for a late reference result", waits)
+    table.add_row("training without (B)", f"{run.seconds_without:.2f} s")
+    table.add_row("ratio (whole run)", f"{run.ratio:.3f}  ({_percent(run.ratio - 1)})")
+    plasticity = f"{run.intervals_with_plasticity} of {run.intervals}"
+    table.add_row("observations with plasticity", plasticity)
+    table.add_row(
+        f"warm-up: {_count_of(run.warmup_intervals, 'interval')}, not in the ratios",
+        f"A {run.warmup_seconds_with_signals:.2f} s "
+        f"(+{run.warmup_settle_seconds:.2f} s settling), B {run.warmup_seconds_without:.2f} s; "
+        + _waits(run.warmup_reference_waits, run.warmup_reference_wait_seconds),
+    )
+    return table
+
+
+def _overhead_runs_table(runs: list[Any]) -> Table:
+    table = Table(title=f"{runs[0].task}: signal overhead, every unit in TRAIN, repeated A/B")
+    columns = ["run", "pairs", "median", "quartiles", "min to max", "ratio", "plasticity", "waits"]
+    for column in columns:
+        table.add_column(column, justify="right")
+    for i, run in enumerate(runs, 1):
+        q1, q3 = run.quartiles
+        low, high = run.extremes
+        table.add_row(
+            str(i),
+            str(len(run.pairs)),
+            _percent(run.median),
+            f"{_percent(q1)} to {_percent(q3)}",
+            f"{_percent(low)} to {_percent(high)}",
+            f"{run.ratio:.3f}",
+            f"{run.intervals_with_plasticity} of {run.intervals}",
+            _waits(run.reference_waits, run.reference_wait_seconds),
+        )
+    return table
+
+
+def _overhead_parts_table(runs: list[Any], names: list[str], background: str) -> Table:
+    bare = sum(run.seconds_without for run in runs)
+    table = Table(title="where A's extra time goes (all pairs)")
+    for column in ("part", "seconds", "of B's time"):
+        table.add_column(column, justify="left" if column == "part" else "right")
+    for name in names:
+        if all(name not in run.parts for run in runs):
+            continue
+        seconds = sum(run.parts.get(name, 0.0) for run in runs)
+        label = f"{name} (in the background)" if name == background else name
+        table.add_row(label, f"{seconds:.3f}", f"{100 * seconds / bare:.2f}%")
+    parts = sum(s for run in runs for name, s in run.parts.items() if name != background)
+    rest = sum(run.seconds_with_signals - run.seconds_without for run in runs) - parts
+    table.add_row(
+        "training itself: slower beside the signals, or noise",
+        f"{rest:+.3f}",
+        f"{100 * rest / bare:+.2f}%",
+    )
+    return table
 
 
 # ---------------------------------------------------------------------- train

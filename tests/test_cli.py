@@ -78,12 +78,40 @@ def test_tables_in_an_80_column_terminal_fold_instead_of_cutting(monkeypatch):
         assert "".join(cells[column].strip() for cells in body) == "".join(values)
 
 
-def test_overhead_reports_both_runs_and_the_plasticity_fraction(tiny_task, tmp_path, narrow):
+def test_overhead_reports_pairs_parts_plasticity_and_a_verdict(tiny_task, tmp_path, narrow):
     out = tmp_path / "overhead.json"
-    assert main(["overhead", str(tiny_task.path), "--intervals", "3", "--json", str(out)]) == 0
+    assert main(["overhead", str(tiny_task.path), "--intervals", "4", "--json", str(out)]) == 0
     payload = json.loads(out.read_text())
-    assert payload["intervals"] == 3 and payload["seconds_without"] > 0
-    assert "observations with plasticity" in narrow.export_text()
+    (run,) = payload["runs"]
+    assert run["intervals"] == 4 and run["warmup_intervals"] == 2 and run["n_pairs"] == 2
+    assert run["seconds_without"] > 0 and run["parts"]["dynamics per step"] > 0
+    assert payload["worst_percent"] == run["median_percent"] and not payload["control"]
+    text = narrow.export_text()
+    for row in ("observations with plasticity", "waits for a late reference result", "ratio"):
+        assert row in text
+    assert "attention score" in text  # the breakdown
+    assert ("PASS" in text) != ("FAIL" in text) and "2% bound" in text
+
+
+def test_overhead_repeats_report_the_median_and_the_worst_run(tiny_task, tmp_path, narrow):
+    out = tmp_path / "overhead.json"
+    argv = ["overhead", str(tiny_task.path), "--intervals", "3", "--warmup", "1", "--repeats", "2"]
+    assert main([*argv, "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["repeats"] == 2 and [r["n_pairs"] for r in payload["runs"]] == [2, 2]
+    medians = [r["median_percent"] for r in payload["runs"]]
+    assert payload["worst_percent"] == max(medians)
+    assert "2 runs: median overhead" in narrow.export_text()
+
+
+def test_overhead_control_times_two_bare_copies_without_a_verdict(tiny_task, tmp_path, narrow):
+    out = tmp_path / "overhead.json"
+    argv = ["overhead", str(tiny_task.path), "--intervals", "3", "--warmup", "1", "--control"]
+    assert main([*argv, "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["control"] and payload["runs"][0]["intervals_with_plasticity"] == 0
+    text = narrow.export_text()
+    assert "A/A control" in text and "PASS" not in text and "FAIL" not in text
 
 
 def test_evaluate_compares_a_policy_with_no_freezing(tiny_task, tmp_path, narrow):
@@ -114,6 +142,9 @@ def test_train_writes_a_policy_from_the_generated_options(tiny_task, tmp_path, n
         (["run", "--seed", "-1"], "a seed must be at least 0"),
         (["profile", "mnist1d-mlp", "--repetitions", "0"], "must be at least 1"),
         (["overhead", "--intervals", "0"], "must be at least 1"),
+        (["overhead", "--repeats", "0"], "must be at least 1"),
+        (["overhead", "--blocks", "0"], "must be at least 1"),
+        (["overhead", "--warmup", "-1"], "a warm-up must be at least 0"),
         (["evaluate", "none", "--seeds", "-2"], "a seed must be at least 0"),
     ],
 )
