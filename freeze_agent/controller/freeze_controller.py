@@ -273,6 +273,10 @@ class FreezeController:
         self._held_until = {u: self._held_until[u] for u in held}
         for u in held:
             requested[u] = Mode.TRAIN
+        # a LOCAL unit detaches its output, which would freeze the held units before it
+        for u in range(min(held, default=len(self.units)) + 1, len(self.units)):
+            if requested[u] is Mode.LOCAL:
+                requested[u] = Mode.TRAIN
         applied = self._set_modes(requested)
         self._record(cause)
         return applied

@@ -176,3 +176,30 @@ def test_safety_net_settings_are_checked():
         SafetyNet(tolerance=-1)
     with pytest.raises(ValueError, match="hold_decisions must be an integer >= 1"):
         SafetyNet(hold_decisions=0)
+
+
+class LocalAfterFreeze(FreezePrefix):
+    """Freezes unit 0 from the second decision, and from the third also asks LOCAL of unit 2."""
+
+    def decide(self, observation):
+        modes = super().decide(observation)
+        if self._decisions >= 3:
+            modes[2] = Mode.LOCAL
+        return modes
+
+
+def test_a_hold_is_not_undone_by_a_local_unit_after_it():
+    model, optimizer, x, y = make_run()
+    controller = FreezeController.from_pretrained(
+        LocalAfterFreeze(depth=1), model, optimizer, x, interval_steps=2, reference=False
+    )
+    try:
+        train(model, optimizer, controller, x, y, 2)
+        assert controller.modes[0] is Mode.FROZEN
+        controller.report_validation(0.9)
+        with pytest.warns(UserWarning, match="safety net"):
+            controller.report_validation(0.5)
+        train(model, optimizer, controller, x, y, 2)  # asks FROZEN for 0 and LOCAL for 2
+        assert controller.modes[0] is Mode.TRAIN and controller.modes[2] is Mode.TRAIN
+    finally:
+        controller.close()
