@@ -38,7 +38,7 @@ transformers.logging.set_verbosity_error()
 # --------------------------------------------------------------------------- data
 
 
-def digits(seed: int, size: int = 16) -> dict[str, TensorDataset]:
+def digits(seed: int, size: int = 32) -> dict[str, TensorDataset]:
     """scikit-learn's 1797 8x8 digits, upsampled to ``size`` x ``size``; 60/20/20 split."""
     from sklearn.datasets import load_digits
 
@@ -85,13 +85,13 @@ def build_model(name: str) -> torch.nn.Module:
         return transformers.GPT2LMHeadModel(config)
     if name == "vit":
         config = transformers.ViTConfig(
-            image_size=16,
+            image_size=32,
             patch_size=4,
             num_channels=1,
-            hidden_size=64,
+            hidden_size=128,
             num_hidden_layers=4,
             num_attention_heads=4,
-            intermediate_size=128,
+            intermediate_size=256,
             num_labels=10,
         )
         return transformers.ViTForImageClassification(config)
@@ -148,7 +148,7 @@ def train(model_name: str, policy: str, seed: int, epochs: int, batch_size: int 
 
     controller, batches = None, loader
     if policy != "none":
-        example = next(iter(loader))[0]
+        example = data["train"][:batch_size][0]  # a batch as the loop feeds it
         inputs = {"input_ids" if model_name == "gpt2" else "pixel_values": example}
         controller = FreezeController.from_pretrained(  # freeze-agent
             policy, model, optimizer, inputs, total_steps=total_steps
