@@ -22,7 +22,6 @@ must be declared with ``deterministic=False``.
 from __future__ import annotations
 
 import copy
-import random
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -34,6 +33,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, IterableDataset
 
 from freeze_agent.core.prefix_cache import PrefixCache
+from freeze_agent.core.random_state import preserved_global_rngs
 from freeze_agent.core.units import ModelInput, batch_size_of
 
 _PROBE_SAMPLES = 4
@@ -76,13 +76,8 @@ def _collates_identically(loader: DataLoader) -> bool:
     """Collate a few samples twice and compare, leaving every RNG as it was."""
     n = len(loader.dataset)  # type: ignore[arg-type]
     rows = sorted({0, n // 3, (2 * n) // 3, n - 1})[:_PROBE_SAMPLES]
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        try:
-            first, second = (loader.collate_fn([loader.dataset[i] for i in rows]) for _ in "ab")
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
+    with preserved_global_rngs():
+        first, second = (loader.collate_fn([loader.dataset[i] for i in rows]) for _ in "ab")
     return _equal(first, second)
 
 

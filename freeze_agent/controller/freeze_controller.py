@@ -236,10 +236,11 @@ class FreezeController:
         net = self.safety_net
         if alarm is None or net is None or all(m is Mode.TRAIN for m in self._modes):
             return
-        if self._holding() and not alarm.urgent:
+        holding = self._holding()
+        if holding and not alarm.urgent:
             return
         candidates = [
-            u for u, m in enumerate(self._modes) if m is not Mode.TRAIN and u not in self._holding()
+            u for u, m in enumerate(self._modes) if m is not Mode.TRAIN and u not in holding
         ]
         units: list[int] = []
         if candidates:
@@ -672,7 +673,8 @@ class FreezeController:
 
     def plot_timeline(self, path: str | Path, title: str = "") -> Path:
         """Draw the mode timeline (units down, decisions across) to an image file."""
-        figure = plot_timeline([u.name for u in self.units], self.summary()["timeline"], title)
+        timeline = [entry["modes"] for entry in self.timeline]
+        figure = plot_timeline([u.name for u in self.units], timeline, title)
         figure.savefig(path)
         return Path(path)
 

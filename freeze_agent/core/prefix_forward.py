@@ -70,7 +70,7 @@ class PrefixRunner:
             string saying why there is none.
         """
         handles = [
-            m.register_forward_hook(self._record_shape, with_kwargs=True)
+            m.register_forward_hook(self._record_layout, with_kwargs=True)
             for unit in self.units[start:depth]
             for m in unit.modules
             if m not in self._out_layout
@@ -99,7 +99,7 @@ class PrefixRunner:
         """Drop the stand-ins' zero buffers."""
         self._zeros.clear()
 
-    def _record_shape(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _record_layout(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """Remember the layout of a prefix module's output (None: it holds no batch tensor)."""
         batch = next((t.shape[0] for t in tensors_in((args, kwargs, output)) if t.dim()), 0)
         layout = ActivationLayout.of(output, batch)
@@ -140,15 +140,18 @@ class PrefixRunner:
         structure (one buffer per module and batch size, reused: allocating it every step costs
         more than the rest of a small skip)."""
         layout = self._out_layout.get(module)
+        like = None  # (dtype, shape) of a single-tensor output, which the input may stand in for
+        if layout is not None and layout.single_tensor:
+            leaf = layout.leaf(0)
+            like = (leaf.dtype, (batch, *leaf.shape))
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             first = args[0] if args else next(iter(kwargs.values()), None)
             if layout is None:
                 return first
-            if layout.single_tensor and isinstance(first, torch.Tensor):
-                leaf = layout.leaf(0)
-                if (first.dtype, first.shape) == (leaf.dtype, (batch, *leaf.shape)):
-                    return first
+            is_tensor = isinstance(first, torch.Tensor)
+            if like is not None and is_tensor and (first.dtype, first.shape) == like:
+                return first
             zeros = self._zeros.get((module, batch))
             if zeros is None:
                 zeros = self._zeros[module, batch] = layout.zeros(batch, device)

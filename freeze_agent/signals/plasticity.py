@@ -78,6 +78,11 @@ class PlasticityMonitor:
     def available(self) -> bool:
         return self.worker.available
 
+    @property
+    def _longest_wait(self) -> float:
+        """How long a submitted job can take: a child that fails or hangs ends it sooner."""
+        return self.worker.startup_timeout_s + self.worker.timeout_s
+
     def wait_for_reference(self, timeout_s: float) -> bool:
         """Block until the requested reference result is in and use it (tests, end of a run)."""
         result = self.worker.wait(timeout_s)
@@ -99,7 +104,7 @@ class PlasticityMonitor:
             self.waits += 1
             started = time.perf_counter()
             # bounded by the worker itself: a child that fails or hangs ends the wait
-            result = self.worker.wait(self.worker.startup_timeout_s + self.worker.timeout_s)
+            result = self.worker.wait(self._longest_wait)
             self.wait_seconds += time.perf_counter() - started
         if result is None:  # the worker failed: this snapshot is lost, the next one is requested
             self._due_at = None
@@ -131,7 +136,7 @@ class PlasticityMonitor:
         what the uninterrupted run would: a snapshot still in flight is waited for, so its
         result is saved too."""
         if self._due_at is not None and self._arrived is None and self.worker.available:
-            self._arrived = self.worker.wait(self.worker.startup_timeout_s + self.worker.timeout_s)
+            self._arrived = self.worker.wait(self._longest_wait)
         return {
             "checks": self.checks,
             "waits": self.waits,
@@ -147,7 +152,7 @@ class PlasticityMonitor:
         """Continue from ``state``; a snapshot this process already sent is dropped, as it
         belongs to the run before the checkpoint's step."""
         if self.worker.available:
-            self.worker.wait(self.worker.startup_timeout_s + self.worker.timeout_s)
+            self.worker.wait(self._longest_wait)
         reference = _result_from_state(state["reference"])
         if reference is not None:
             self._use_reference(reference, state["in_use_since"])

@@ -50,6 +50,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from freeze_agent.core.random_state import preserved_global_rngs
+
 Inputs = torch.Tensor | dict[str, torch.Tensor]
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -736,16 +738,11 @@ def seeded_rngs(seed: int) -> Iterator[None]:
     generators is deterministic (the same ``split_seed`` gives the same tensors, whatever ran
     before in the process) and the caller's random streams are left untouched.
     """
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
+    with preserved_global_rngs():
         random.seed(seed)
         np.random.seed(seed)
         torch.default_generator.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+        yield
 
 
 def _kind(value: Any) -> str:

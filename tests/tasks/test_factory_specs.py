@@ -106,22 +106,6 @@ def test_fingerprint_covers_factory_path_and_kwargs(tmp_path):
     assert fingerprint(no_kwargs) == fingerprint(no_kwargs.replace('net"}', 'net", kwargs: {}}'))
 
 
-def test_builtin_spec_keeps_its_fingerprint(tmp_path):
-    """Caches keyed by the fingerprint (oracle schedules, reference trajectories) stay valid:
-    a built-in spec hashes as it did before factories existed."""
-    text = """
-    description: test task
-    dataset: {name: digits, n_train: 256, n_val: 64, n_test: 64}
-    model: {family: mlp, depth: 2, width: 32}
-    optimizer: {name: adamw, lr: 1.0e-3, weight_decay: 0.01}
-    schedule: {name: cosine, warmup_epochs: 0.5}
-    batch_size: 32
-    epochs: 2
-    decisions: 4
-    """
-    assert load_task(write_spec(tmp_path, text)).fingerprint() == "7a33d6965d6076e2"
-
-
 def test_factory_model_on_builtin_dataset_and_builtin_model_on_factory_dataset(tmp_path):
     mixed = SPEC.replace(DATASET, BUILTIN_DATASET).replace(
         MODEL, 'model: {factory: "custom_factories:tiny_net", kwargs: {width: 8}}'

@@ -21,6 +21,12 @@ decisions: 4
 """
 
 
+def test_builtin_spec_keeps_its_fingerprint(tmp_path):
+    """Caches keyed by the fingerprint (oracle schedules, reference trajectories) stay valid:
+    a built-in spec hashes as it did before factories existed."""
+    assert load_task(write_spec(tmp_path, VALID)).fingerprint() == "7a33d6965d6076e2"
+
+
 def write_spec(tmp_path, text: str, name: str = "tiny"):
     path = tmp_path / f"{name}.yaml"
     path.write_text(textwrap.dedent(text))
