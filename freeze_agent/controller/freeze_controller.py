@@ -487,6 +487,11 @@ class FreezeController:
             return 0.0
         return min(self.steps / self.total_steps, 1.0)
 
+    @property
+    def modeled_speedup(self) -> float:
+        """All-TRAIN cost over the modeled cost of the steps taken so far (cache hits included)."""
+        return self.steps / self._cost_sum if self._cost_sum > 0 else 1.0
+
     def steps_in_mode(self) -> list[int]:
         return [self.steps - since for since in self._mode_since]
 
@@ -564,7 +569,7 @@ class FreezeController:
             "timeline": [entry["modes"] for entry in self.timeline],
             "decision_steps": [entry["step"] for entry in self.timeline],
             "causes": [entry["cause"] for entry in self.timeline],
-            "modeled_speedup": self.steps / self._cost_sum if self._cost_sum > 0 else 1.0,
+            "modeled_speedup": self.modeled_speedup,
             "measured_seconds": self.measured_seconds,
             "decision_seconds": self.decision_seconds,
             "cache": cache,

@@ -1,0 +1,64 @@
+"""What every integration needs from a training framework's objects: an example batch taken
+without disturbing the run, and the controller's state as flat scalars for the framework's
+logger."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.utils.data import DataLoader, IterableDataset
+
+from freeze_agent.controller import FreezeController
+from freeze_agent.core.modes import Mode
+from freeze_agent.core.random_state import preserved_global_rngs
+
+__all__ = ["controller_metrics", "example_batch"]
+
+
+def example_batch(loader: Any, samples: int | None = None) -> Any:
+    """One batch as ``loader`` yields it, built without iterating ``loader``.
+
+    ``next(iter(loader))`` would draw from the loader's shuffle generator (and the global RNGs),
+    so the run would then see another data order than it would without freeze-agent. Here the
+    first ``samples`` (default: the batch size) samples of the dataset go through the loader's
+    own ``collate_fn`` with every global generator put back afterwards. An iterable dataset, or
+    anything that is not a ``DataLoader``, has no indices: its first batch is taken, and the
+    error says so if that is impossible.
+    """
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        with preserved_global_rngs():
+            try:
+                return next(iter(loader))
+            except StopIteration:
+                raise ValueError("the training loader yielded no batch: nothing to trace") from None
+    count = samples or loader.batch_size or 1
+    count = min(count, len(loader.dataset))  # type: ignore[arg-type]
+    if count < 1:
+        raise ValueError("the training dataset is empty: nothing to trace the model with")
+    with preserved_global_rngs():
+        return loader.collate_fn([loader.dataset[i] for i in range(count)])
+
+
+def controller_metrics(controller: FreezeController, prefix: str = "freeze/") -> dict[str, float]:
+    """The controller's state as flat floats: the share of parameters frozen and local, the
+    number of units in each mode, the modeled speedup so far, and each unit's mode
+    (0 TRAIN, 1 LOCAL, 2 FROZEN), for Lightning's ``log_dict`` or the Trainer's ``on_log``."""
+    modes = controller.modes
+    sizes = [sum(p.numel() for p in unit.parameters()) for unit in controller.units]
+    total = max(sum(sizes), 1)
+    metrics = {
+        f"{prefix}frozen_fraction": sum(
+            n for n, m in zip(sizes, modes, strict=True) if m is Mode.FROZEN
+        )
+        / total,
+        f"{prefix}local_fraction": sum(
+            n for n, m in zip(sizes, modes, strict=True) if m is Mode.LOCAL
+        )
+        / total,
+        f"{prefix}modeled_speedup": controller.modeled_speedup,
+    }
+    for mode in Mode:
+        metrics[f"{prefix}units_{mode.name.lower()}"] = float(sum(m is mode for m in modes))
+    for unit, mode in zip(controller.units, modes, strict=True):
+        metrics[f"{prefix}mode/{unit.index:02d}"] = float(int(mode))
+    return metrics
