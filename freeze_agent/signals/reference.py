@@ -4,7 +4,7 @@ separate process, whose per-unit outputs on a fixed probe batch measure each uni
 loss of ``freeze_agent.signals.similarity``). The snapshot is run off the training path so the
 accelerator never waits for it.
 
-``ReferenceWorker`` owns one spawned CPU process at a time. ``submit()`` quantizes the
+``ReferenceWorker`` owns one CPU child process at a time. ``submit()`` quantizes the
 model's weights (``freeze_agent.signals.quantization``) and hands them to a background sender
 thread; the child (``freeze_agent.signals.reference_child``) dequantizes them, loads them into
 its own copy of the architecture and returns every unit's exit-module output
@@ -13,8 +13,9 @@ waits for the child. A child that dies, reports an error or keeps a job past ``t
 the training process one ``warnings.warn``: the worker is restarted up to ``max_restarts`` times,
 after which ``available`` is False and ``submit``/``poll`` return False/None.
 
-Children are spawned and pooled across workers by ``freeze_agent.signals.reference_pool`` (which
-also holds ``warm_pool``); what crosses the pipes is ``freeze_agent.signals.wire``.
+Children are started (forked where safe) and pooled across workers by
+``freeze_agent.signals.reference_pool`` (which also holds ``warm_pool``); what crosses the pipes
+is ``freeze_agent.signals.wire``.
 """
 
 from __future__ import annotations
@@ -79,11 +80,11 @@ def _close_live_workers() -> None:
 
 
 class ReferenceWorker:
-    """Owns a spawned CPU process (torch.multiprocessing, 'spawn' context) holding a copy of the
-    model architecture; each ``submit`` sends an int8 snapshot; the process loads it
-    (dequantized), runs the probe batch in eval mode under ``no_grad`` with
-    ``torch.set_num_threads(threads)``, and sends back every unit's exit-module output (hooks
-    registered by module path in the child).
+    """Owns a CPU child process (torch.multiprocessing; forked where safe, else spawned, see
+    ``reference_pool.default_start_method``) holding a copy of the model architecture; each
+    ``submit`` sends an int8 snapshot; the process loads it (dequantized), runs the probe batch
+    in eval mode under ``no_grad`` with ``torch.set_num_threads(threads)``, and sends back
+    every unit's exit-module output (hooks registered by module path in the child).
 
     Children outlive their worker: ``close`` hands a healthy, idle child to a process-wide
     pool (at most ``reference_pool.POOL_MAX_IDLE``), and a new worker takes one from there and
@@ -95,9 +96,10 @@ class ReferenceWorker:
     Args:
         model: the model being trained. It is sent to the child once, pickled with
             ``torch.save`` (a CPU copy; hooks not defined by torch are left out), so its class
-            must be importable in a fresh interpreter: defined at module level in an importable
-            module; not in the ``__main__`` script (the child does not re-run it), a notebook
-            cell or a function. The pickled copy
+            must be defined at module level. A spawned child (CUDA initialized, or no fork on
+            the platform) must also be able to import it in a fresh interpreter: from an
+            importable module, not the ``__main__`` script (the child does not re-run it) or a
+            notebook cell. The pickled copy
             is kept to restart the worker. The child runs it in float32.
         unit_module_paths: the qualified path of each unit's exit module ("" = the root); see
             ``freeze_agent.signals.unit_outputs.exit_module_paths``.

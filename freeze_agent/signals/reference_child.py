@@ -9,8 +9,8 @@ model, so both sides compute identically). The parent side (spawning, the pipes,
 idle children) is ``freeze_agent.signals.reference_pool``.
 
 This module is what runs in the child, and only that: ``multiprocessing``'s spawn start method
-pickles the child's target by module path, so ``worker_main`` must stay a module-level
-function here.
+(used where forking is unsafe) pickles the child's target by module path, so ``worker_main``
+must stay a module-level function here.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def worker_main(commands, results) -> None:
 
 
 def _extend_sys_path(entries: Sequence[str]) -> None:
-    """Append the parent's import-path entries the child lacks: a pooled child was spawned
+    """Append the parent's import-path entries the child lacks: a pooled child was started
     with the parent's ``sys.path`` of back then, and a later model's class may live elsewhere."""
     known = set(sys.path)
     sys.path.extend(e for e in entries if e not in known)

@@ -1,11 +1,13 @@
 """The reference worker's child processes, seen from the parent: one child incarnation
-(``Incarnation``: the spawned process, its pipes and the thread that feeds it) and the
-process-wide pool of idle children (``pool_take``, ``pool_put``, ``warm_pool``).
+(``Incarnation``: the forked or spawned process, its pipes and the thread that feeds it) and
+the process-wide pool of idle children (``pool_take``, ``pool_put``, ``warm_pool``).
 
-Child processes are pooled: a worker that closes while its child is healthy and idle hands the
-child to the next worker of the same process, which sends it a new model ("init") rather than
-spawning another interpreter. Start-up (importing torch, a few CPU-seconds) is paid once per
-process, not once per training run; on a 2-core machine it otherwise competes with training.
+Children are forked where that is safe (``default_start_method``), so they start with the
+parent's imports instead of paying seconds of start-up that the first reference result would
+wait for. Child processes are pooled: a worker that closes while its child is healthy and idle
+hands the child to the next worker of the same process, which sends it a new model ("init")
+rather than starting another process; a spawned child's start-up (importing torch and the
+model's library, a few CPU-seconds) is then paid once per process, not once per training run.
 Pooled children are killed at interpreter exit, and a forked process never touches its
 parent's. What runs inside a child is ``freeze_agent.signals.reference_child``.
 """
@@ -21,9 +23,11 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 import torch.multiprocessing as torch_mp
 
 from freeze_agent.signals.reference_child import worker_main
@@ -33,6 +37,7 @@ __all__ = [
     "WORKER_NICENESS",
     "Incarnation",
     "ReferenceWorkerWarning",
+    "default_start_method",
     "drain_pool",
     "pool_put",
     "pool_take",
@@ -77,15 +82,36 @@ SENDER_STOP_S = 0.2  # how long ``stop`` lets an idle sender thread finish on it
 CHILD_EXIT_S = 2.0  # how long ``stop`` waits for a killed child (and its sender) to go
 
 
+def default_start_method() -> str:
+    """How a child starts: forked where the platform can fork and CUDA is not initialized in
+    this process, else spawned.
+
+    A spawned child is a fresh interpreter that imports torch, and then the model's own library
+    to unpickle it (``transformers`` alone takes seconds): on a short run that start-up is the
+    largest cost freeze-agent adds, because the first reference result waits for it. A forked
+    child has all of that already and answers within milliseconds. CUDA is the exception: a
+    process that initialized it is forked only by code that never touches the GPU again, and
+    the spawned child keeps that guarantee without relying on it. A forked child shares the
+    parent's memory pages copy-on-write, like a DataLoader worker.
+    """
+    if "fork" in torch_mp.get_all_start_methods() and not torch.cuda.is_initialized():
+        return "fork"
+    return "spawn"
+
+
 class Incarnation:
     """One child process with its pipes and the sender thread that feeds it.
 
-    The child starts bare (interpreter and torch only); ``init`` gives it an owner's model.
-    Between owners it waits in the process-wide pool (``pool_put``, ``pool_take``).
+    The child starts bare (no owner's model); ``init`` gives it an owner's model. Between
+    owners it waits in the process-wide pool (``pool_put``, ``pool_take``).
+
+    Args:
+        start_method: "fork" or "spawn" (default: ``default_start_method()``).
     """
 
-    def __init__(self) -> None:
-        ctx = torch_mp.get_context("spawn")
+    def __init__(self, start_method: str | None = None) -> None:
+        self.start_method = start_method or default_start_method()
+        ctx = torch_mp.get_context(self.start_method)
         child_commands, self.commands = ctx.Pipe(duplex=False)
         self.results, child_results = ctx.Pipe(duplex=False)
         self.process = ctx.Process(
@@ -94,7 +120,11 @@ class Incarnation:
             name="freeze-agent-reference",
             daemon=True,
         )
-        with _main_module_hidden():
+        _incarnations.add(self)  # so that a forked child closes this process's ends of the pipes
+        if self.start_method == "spawn":
+            with _main_module_hidden():
+                self.process.start()
+        else:
             self.process.start()
         # Lower its priority now, before it imports torch (seconds of CPU): on a machine whose
         # cores training keeps busy, the reference runs on spare cycles instead of taking a
@@ -204,6 +234,7 @@ run."""
 
 _pool: list[Incarnation] = []
 _pool_lock = threading.Lock()
+_incarnations: weakref.WeakSet[Incarnation] = weakref.WeakSet()  # every child of this process
 _shutting_down = False
 
 
@@ -258,20 +289,22 @@ def shutting_down() -> bool:
     return _shutting_down
 
 
-def _forget_pool_after_fork() -> None:
-    """In a forked child: the pooled processes belong to the parent. Drop them without killing
-    them, and close this copy of their pipes so that they still see EOF when the parent exits."""
+def _forget_children_after_fork() -> None:
+    """In a forked process (a DataLoader worker, or a reference child itself): the children
+    belong to the parent. Drop the pooled ones without killing them, and close this copy of
+    every child's pipes, so that a child still sees EOF when the parent exits (a forked reference
+    child keeping the write end of its own command pipe would otherwise never see it)."""
     global _pool_lock
     _pool_lock = threading.Lock()  # another thread may have held it at the fork
-    children = list(_pool)
     _pool.clear()
-    for child in children:
+    for child in list(_incarnations):
         for connection in (child.commands, child.results):
             with contextlib.suppress(Exception):
                 connection.close()
+    _incarnations.clear()
 
 
-os.register_at_fork(after_in_child=_forget_pool_after_fork)
+os.register_at_fork(after_in_child=_forget_children_after_fork)
 
 
 def warm_pool(count: int = 1, wait_s: float = 0.0) -> int:

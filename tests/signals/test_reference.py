@@ -2,8 +2,8 @@
 CPU worker process (results, non-blocking submit, crash and hang recovery, giving up, reuse of
 children across workers through the pool).
 
-Test models live at module level: the worker's spawned child unpickles them by class, and
-pytest puts ``tests/`` on ``sys.path``, which the child inherits.
+Test models live at module level: the worker's child unpickles them by class (a spawned child
+imports their module: pytest puts ``tests/`` on ``sys.path``, which the child inherits).
 """
 
 from __future__ import annotations
@@ -489,6 +489,67 @@ def test_warm_pool_starts_a_child_ahead_and_a_forked_process_does_not_inherit_it
         assert worker.submit(model, step=2) and worker.wait(60.0) is not None
     finally:
         worker.close()
+
+
+def test_children_are_forked_here_and_spawned_children_still_work(empty_pool):
+    assert reference_pool.default_start_method() == "fork"  # Linux, no CUDA initialized
+    for method in ("fork", "spawn"):
+        child = Incarnation(method)
+        model = SleepyNet()
+        worker = ReferenceWorker(model, SLEEPY_PATHS, sleepy_probe(), timeout_s=30.0)
+        worker._worker.stop()  # swap in the child started with ``method``
+        worker._worker = child
+        child.init(worker._token, worker._init_message)
+        try:
+            assert child.start_method == method
+            assert worker.submit(model, step=1) and worker.wait(60.0) is not None
+        finally:
+            worker.close()
+
+
+ORPHAN_SCRIPT = """
+import os, sys, time
+sys.path.insert(0, {tests!r})
+from signals.test_reference import SleepyNet, SLEEPY_PATHS, sleepy_probe
+from freeze_agent.signals.reference import ReferenceWorker
+workers = [ReferenceWorker(SleepyNet(), SLEEPY_PATHS, sleepy_probe()) for _ in range(2)]
+for worker in workers:
+    assert worker.submit(SleepyNet(), step=0) and worker.wait(60.0) is not None
+print(" ".join(str(worker.pid) for worker in workers), flush=True)
+os._exit(0)  # no clean-up: as if the training process were killed
+"""
+
+
+def test_forked_children_exit_when_their_parent_dies_without_cleaning_up(tmp_path):
+    """Each forked child must see EOF on its command pipe once the parent is gone, so no child
+    may keep a copy of its own (or a sibling's) parent-side pipe end."""
+    import subprocess
+    import sys
+
+    script = ORPHAN_SCRIPT.format(tests=os.path.dirname(os.path.dirname(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    pids = [int(pid) for pid in done.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 30.0
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [pid for pid in pids if _alive(pid)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"children {alive} outlived their parent"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie has exited; its reaper is gone
+        return stat.read().split(")")[-1].split()[0] != "Z"
 
 
 def test_the_child_runs_at_a_lower_priority_than_training(empty_pool):
