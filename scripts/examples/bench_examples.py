@@ -1,14 +1,18 @@
-"""Measure the shipped policy deployed through `from_pretrained` on Hugging Face models that no
-freeze-agent task uses, against the same loop without freezing.
+"""Measure the shipped policy deployed through one of the examples (a plain loop, Lightning, the
+Hugging Face Trainer, or DDP under torchrun) on models that no freeze-agent task uses, against
+the same example without freezing.
 
-For every model and seed it runs `plain_loop.py` twice, once under the policy and once with
+For every model and seed it runs the example twice, once under the policy and once with
 `--policy none`, each in a fresh process, alternating which goes first (so drift in machine load
 falls on both sides), and reports per model the training-time speedup (no-freeze seconds over
 policy seconds, the controller's own overhead included), the test-accuracy change in points and
 the controller's summary. Records are appended to `OUT/records.jsonl` as they finish, so an
 interrupted run resumes where it stopped.
 
-    python scripts/examples/bench_plain_loop.py --out docs/bench/deploy
+    python scripts/examples/bench_examples.py --out docs/bench/deploy
+    python scripts/examples/bench_examples.py --example lightning_fit --out docs/bench/lightning
+    python scripts/examples/bench_examples.py --example hf_finetune --out docs/bench/hf
+    python scripts/examples/bench_examples.py --example ddp --models resnet --out docs/bench/ddp
 """
 
 from __future__ import annotations
@@ -21,16 +25,44 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+EXAMPLES = {
+    # example: (default models, whether it takes --model)
+    "plain_loop": (["gpt2", "vit", "resnet"], True),
+    "lightning_fit": (["vit", "resnet"], True),
+    "hf_finetune": (["minilm"], False),
+    "ddp": (["resnet"], True),
+}
 
 
-def run_once(model: str, policy: str, seed: int, epochs: int, threads: int | None) -> dict:
-    command = [sys.executable, str(HERE / "plain_loop.py"), "--model", model, "--policy", policy]
-    command += ["--seed", str(seed), "--epochs", str(epochs), "--json"]
-    command += ["--threads", str(threads)] if threads else []
+def command_for(example: str, model: str, policy: str, seed: int, args) -> list[str]:
+    script = str(HERE / f"{example}.py")
+    if example == "ddp":
+        torchrun = Path(sys.executable).with_name("torchrun")
+        command = [str(torchrun), "--standalone", "--nproc_per_node", "2", script]
+    else:
+        command = [sys.executable, script]
+    command += ["--model", model] if EXAMPLES[example][1] else []
+    command += ["--policy", policy, "--seed", str(seed), "--json"]
+    command += ["--epochs", str(args.epochs)] if args.epochs else []
+    command += ["--threads", str(args.threads)] if args.threads else []
+    return command
+
+
+def run_once(example: str, model: str, policy: str, seed: int, args) -> dict:
+    command = command_for(example, model, policy, seed, args)
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if not results:
+        raise RuntimeError(f"{' '.join(command)} printed no JSON result:\n{done.stdout[-3000:]}")
+    # under torchrun every rank prints its own line; rank 0 holds the summary
+    record = next((r for r in results if r.get("rank", 0) == 0), results[-1])
+    record.update(example=example, model=model, policy=policy, seed=seed)
+    if len(results) > 1:
+        keys = ("rank", "checksum", "bytes_saved")
+        record["ranks"] = [{key: r.get(key) for key in keys} for r in results]
+    return record
 
 
 def table(records: list[dict], policy: str) -> str:
@@ -67,33 +99,36 @@ def geomean(values: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["gpt2", "vit", "resnet"])
+    parser.add_argument("--example", choices=sorted(EXAMPLES), default="plain_loop")
+    parser.add_argument("--models", nargs="+", help="default: the example's models")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--policy", default="default")
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--out", type=Path, default=Path("runs/bench_plain_loop"))
+    parser.add_argument("--epochs", type=int, help="default: the example's")
+    parser.add_argument("--out", type=Path, help="default: runs/bench_EXAMPLE")
     parser.add_argument("--threads", type=int, help="torch threads per run (default: torch's)")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "records.jsonl"
+    models = args.models or EXAMPLES[args.example][0]
+    out = args.out or Path(f"runs/bench_{args.example}")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "records.jsonl"
     records = [json.loads(line) for line in path.open()] if path.exists() else []
     done = {(r["model"], r["policy"], r["seed"]) for r in records}
-    for i, (seed, model) in enumerate((s, m) for s in args.seeds for m in args.models):
+    for i, (seed, model) in enumerate((s, m) for s in args.seeds for m in models):
         order = [args.policy, "none"] if i % 2 == 0 else ["none", args.policy]
         for policy in order:
             if (model, policy, seed) in done:
                 continue
-            record = run_once(model, policy, seed, args.epochs, args.threads)
+            record = run_once(args.example, model, policy, seed, args)
             records.append(record)
-            with path.open("a") as out:
-                out.write(json.dumps(record) + "\n")
+            with path.open("a") as log:
+                log.write(json.dumps(record) + "\n")
             print(
-                f"{model} seed {seed} {policy}: {record['train_seconds']:.1f} s, "
+                f"{args.example} {model} seed {seed} {policy}: {record['train_seconds']:.1f} s, "
                 f"test {100 * record['test_accuracy']:.2f}%",
                 flush=True,
             )
     report = table(records, args.policy)
-    (args.out / "summary.md").write_text(report + "\n")
+    (out / "summary.md").write_text(report + "\n")
     print(report)
 
 
