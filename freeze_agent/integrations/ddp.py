@@ -110,10 +110,13 @@ __all__ = [
     "trainable_spans",
 ]
 
+# DDP's own error is quoted only in part: Lightning's DDPStrategy.on_exception replaces any
+# message holding "Expected to have finished reduction in the prior iteration" with its advice
+# about parameters training_step does not use, which would hide this one
 FIND_UNUSED_PARAMETERS = (
     "freeze-agent under DistributedDataParallel needs find_unused_parameters=True: frozen units' "
     "parameters get no gradient, and without it DDP waits for them ('Expected to have finished "
-    "reduction in the prior iteration'). Plain PyTorch: DistributedDataParallel(model, "
+    "reduction ...'). Plain PyTorch: DistributedDataParallel(model, "
     "find_unused_parameters=True); Lightning: Trainer(strategy=DDPStrategy("
     'find_unused_parameters=True)) or Trainer(strategy="ddp_find_unused_parameters_true"); '
     "Hugging Face Trainer: TrainingArguments(ddp_find_unused_parameters=True)"

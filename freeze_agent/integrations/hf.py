@@ -30,8 +30,25 @@ a plain loop, from these events of ``Trainer._inner_training_loop``:
   unit to TRAIN and stops the reference worker.
 
 A callback's events carry the model, the optimizer, the scheduler and the loaders, not the
-Trainer; the callback finds the Trainer (its callback list, and the checkpoint it resumes from)
-in the calling ``_inner_training_loop`` frame.
+Trainer; the callback finds the Trainer (its callback list, its DDP wrapper and the checkpoint it
+resumes from) in the calling ``_inner_training_loop`` frame.
+
+**DDP** (``torchrun`` or ``accelerate launch``; on CPU ``TrainingArguments(use_cpu=True,
+ddp_backend="gloo")``): the Trainer wraps the model in ``DistributedDataParallel`` in
+``_prepare_for_training``, before ``on_train_begin``, as ``trainer.model_wrapped``; the events'
+``model`` is the unwrapped one. Every rank then builds a ``DistributedFreezeController``
+(``freeze_agent.integrations.ddp``) on the unwrapped model and registers, with ``attach_ddp``,
+the communication hook that leaves frozen gradients out of the wrapper's all-reduce. Rank 0
+decides and every rank applies its modes: ``on_optimizer_step`` runs on every rank at the same
+optimizer steps (the decision is a collective there), and so does ``on_evaluate`` (the Trainer
+evaluates on every rank, and ``report_validation`` is a collective too: rank 0's metric is the
+one judged). Rank 0 alone measures the signals and runs the reference worker. The Trainer wraps
+with ``find_unused_parameters`` from ``ddp_find_unused_parameters``, True by default unless
+gradient checkpointing is on; False fails in ``on_train_begin`` with what to pass, before
+anything is partitioned. Accelerate's ``comm_hook`` is refused (DDP takes one hook). ``on_save``
+writes on the main process only (``args.should_save``), and a resumed run reads the file on every
+rank (ranks other than 0 skip its signals' part). The freeze metrics are the same on every rank;
+``summary()["ddp"]`` counts the all-reduce bytes saved.
 
 Needs the ``hf`` extra: ``pip install 'freeze-agent[hf]'``.
 """
@@ -49,6 +66,7 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 
@@ -57,6 +75,11 @@ from freeze_agent.controller.cached_loader import ForwardRouter
 from freeze_agent.controller.safety_net import SafetyNet
 from freeze_agent.core.units import tensors_in
 from freeze_agent.integrations.common import controller_metrics, example_batch
+from freeze_agent.integrations.ddp import (
+    DistributedFreezeController,
+    attach_ddp,
+    check_ddp_wrapper,
+)
 from freeze_agent.policies.base import Policy
 
 try:
@@ -133,7 +156,9 @@ class FreezePolicyCallback(TrainerCallback):
     ``controller`` is the ``FreezeController`` from ``on_train_begin`` on (a RuntimeError
     before). After training it is closed, every unit back in TRAIN; ``summary()`` then returns
     the summary taken just before the close (``controller.summary()`` still answers, but without
-    the cache's and the reference worker's figures, which the close released).
+    the cache's and the reference worker's figures, which the close released). Under DDP it is
+    a ``DistributedFreezeController`` on every rank, and the summary has its ``"ddp"`` entry
+    (the all-reduce bytes saved); rank 0's alone has the signals (see the module docstring).
     """
 
     def __init__(
@@ -209,10 +234,11 @@ class FreezePolicyCallback(TrainerCallback):
         optimizer = _torch_optimizer(kwargs["optimizer"])
         loader = kwargs["train_dataloader"]
         trainer, resumed_from = _calling_trainer()
+        wrapper = _ddp_wrapper(trainer, model, args)  # before partitioning: fail fast
         self._lead_callbacks(trainer)
         self._metric_name, self._higher_is_better = self._resolve_metric(args)
         example = _example_input(loader, model, _label_names(trainer, args, model))
-        controller = self._build_controller(model, optimizer, example, args, state)
+        controller = self._build_controller(model, optimizer, example, args, state, wrapper)
         self._controller, self._active = controller, True
         try:
             if state.global_step > 0:  # the state was read from the checkpoint being resumed
@@ -339,24 +365,37 @@ class FreezePolicyCallback(TrainerCallback):
         example_input: Any,
         args: TrainingArguments,
         state: TrainerState,
+        wrapper: DistributedDataParallel | None = None,
     ) -> FreezeController:
-        """The controller for this run: the one place that chooses it."""
-        if args.world_size > 1:
-            raise RuntimeError(
-                f"FreezePolicyCallback runs on one process, this Trainer runs on "
-                f"{args.world_size}: DDP support lands with freeze_agent.integrations.ddp"
+        """The controller for this run: the one place that chooses it. With ``wrapper`` (the
+        Trainer's DDP wrapper of ``model``, from ``_ddp_wrapper``) a
+        ``DistributedFreezeController`` on the unwrapped model, built on every rank at this
+        same event, with the communication hook registered on ``wrapper`` (``attach_ddp``)."""
+        arguments: dict[str, Any] = {
+            "total_steps": state.max_steps,
+            "decisions": self.decisions,
+            "interval_steps": self.interval_steps,
+            "safety_net": self.safety_net,
+            **self.controller_kwargs,
+        }
+        if wrapper is None:
+            return FreezeController.from_pretrained(
+                self.policy, model, optimizer, example_input, **arguments
             )
-        return FreezeController.from_pretrained(
+        # a collective from here on: every rank reaches on_train_begin together
+        controller = DistributedFreezeController.from_pretrained(
             self.policy,
             model,
             optimizer,
             example_input,
-            total_steps=state.max_steps,
-            decisions=self.decisions,
-            interval_steps=self.interval_steps,
-            safety_net=self.safety_net,
-            **self.controller_kwargs,
+            process_group=wrapper.process_group,
+            **arguments,
         )
+        try:
+            return attach_ddp(controller, wrapper)
+        except BaseException:
+            controller.close()
+            raise
 
     def _resolve_metric(self, args: TrainingArguments) -> tuple[str, bool]:
         """The metric that feeds the safety net, and whether higher is better."""
@@ -462,6 +501,39 @@ def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
             f"the Trainer's optimizer is a {type(optimizer).__name__}, not a torch optimizer"
         )
     return optimizer
+
+
+def _ddp_wrapper(
+    trainer: Trainer | None, model: nn.Module, args: TrainingArguments
+) -> DistributedDataParallel | None:
+    """The Trainer's DDP wrapper of ``model`` (``trainer.model_wrapped``, set in
+    ``_prepare_for_training`` before ``on_train_begin``) when the run is distributed, checked
+    for what freezing needs (``check_ddp_wrapper``: above all ``find_unused_parameters=True``,
+    ``TrainingArguments(ddp_find_unused_parameters=...)``); None for a single process that is
+    not wrapped in DDP."""
+    wrapped = getattr(trainer, "model_wrapped", None)
+    if isinstance(wrapped, DistributedDataParallel):
+        check_ddp_wrapper(wrapped, model)
+        return wrapped
+    if args.world_size <= 1:
+        return None
+    if trainer is None:
+        raise RuntimeError(
+            f"FreezePolicyCallback could not find the Trainer above on_train_begin, so not its "
+            f"DDP wrapper of the model either, in a run of {args.world_size} processes: call it "
+            "from Trainer.train()"
+        )
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError(
+            f"FreezePolicyCallback: the Trainer runs {args.world_size} processes without an "
+            "initialized torch.distributed process group; freeze-agent runs distributed under "
+            "DDP only (torchrun, or accelerate launch, with the Trainer's DDP backend)"
+        )
+    raise RuntimeError(
+        f"FreezePolicyCallback runs distributed under DistributedDataParallel only; this "
+        f"Trainer runs {args.world_size} processes with the model wrapped in "
+        f"{type(wrapped).__name__} (FSDP, DeepSpeed and other wrappers are not supported)"
+    )
 
 
 def _example_input(loader: Any, model: nn.Module, label_names: Sequence[str]) -> dict[str, Any]:

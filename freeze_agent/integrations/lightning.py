@@ -28,7 +28,9 @@ owns the loop, so the callback hooks in where the loop's four freeze-agent lines
 * ``on_validation_end``: ``trainer.callback_metrics[monitor]`` goes to
   ``controller.report_validation`` (the safety net). This hook sees metrics the LightningModule
   logs in its own ``on_validation_epoch_end``, which a callback's ``on_validation_epoch_end``
-  (called before the module's) would miss.
+  (called before the module's) would miss. A unit the safety net unfreezes there is put back in
+  training mode in the next ``on_train_batch_start``: after this hook Lightning restores every
+  submodule's mode from before the validation, when the unit was frozen (in eval mode).
 * ``on_train_epoch_start``: with ``cache=True``, put the controller's cached loader
   (``FreezeController.wrap_loader``) in place of the training loader (again whenever Lightning
   reloads its loaders). Lightning creates the first epoch's iterator before any hook runs, so
@@ -38,8 +40,23 @@ owns the loop, so the callback hooks in where the loop's four freeze-agent lines
 * ``state_dict`` / ``load_state_dict``: the controller's state travels in Lightning's
   checkpoints, so ``trainer.fit(ckpt_path=...)`` continues with the same decisions.
 
-Distributed training (``trainer.world_size > 1``) is refused in ``_build_controller``, the one
-place that would build a distributed controller instead.
+**DDP** (``Trainer(strategy="ddp_find_unused_parameters_true")``, or
+``DDPStrategy(find_unused_parameters=True)``; the processes launched by Lightning or by
+``torchrun``): by ``on_train_start`` the strategy has wrapped the model in
+``DistributedDataParallel`` (``trainer.strategy.model``), and every rank builds a
+``DistributedFreezeController`` (``freeze_agent.integrations.ddp``) on the module it
+partitions, never on the wrapper, whose forward runs ``training_step``; ``attach_ddp`` then
+registers the communication hook that leaves frozen gradients out of the all-reduce. Rank 0
+decides at the planned steps and every rank applies its modes (``on_train_batch_end`` runs on
+every rank at the same optimizer steps, and the decision is a collective there); rank 0 alone
+measures the signals and runs the reference worker. ``on_validation_end`` calls
+``report_validation`` on every rank, as it must (a collective: rank 0's ``monitor`` value is the
+one judged). A strategy without ``find_unused_parameters=True`` fails here with what to pass,
+before anything is partitioned; Lightning's ``ddp_comm_hook=`` is refused (DDP takes one hook,
+and freeze-agent's is it). The logged metrics are the same on every rank (the modes are), so
+each rank logs them as Lightning lets it. Lightning saves the callback's state from rank 0 and
+loads it on every rank: ranks other than 0 skip its signals' part. ``summary()["ddp"]`` counts
+the all-reduce bytes saved (``DistributedFreezeController.distributed_stats``).
 
 Three Lightning internals are read, each where no public API gives the same: the training
 loop's ``CombinedLoader`` (``trainer.fit_loop._combined_loader``, to put the cached loader in),
@@ -56,6 +73,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 try:
     import lightning.pytorch as pl
@@ -68,8 +86,20 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 from freeze_agent.controller import FreezeController
 from freeze_agent.controller.safety_net import SafetyNet
-from freeze_agent.core.units import ModelInput, batch_size_of, call_model, preserved_state
+from freeze_agent.core.modes import Mode
+from freeze_agent.core.units import (
+    ModelInput,
+    Unit,
+    batch_size_of,
+    call_model,
+    preserved_state,
+)
 from freeze_agent.integrations.common import controller_metrics, example_batch
+from freeze_agent.integrations.ddp import (
+    DistributedFreezeController,
+    attach_ddp,
+    check_ddp_wrapper,
+)
 from freeze_agent.policies.base import Policy
 from freeze_agent.policies.registry import make_policy
 
@@ -132,6 +162,9 @@ class FreezePolicyCallback(pl.Callback):
     ``controller`` is the ``FreezeController`` from ``on_train_start`` on. After ``fit`` it is
     closed (every unit back in TRAIN, the reference worker stopped); ``controller.summary()``
     still works, and ``summary()`` gives the summary exactly as it was when training ended.
+    Under DDP it is a ``DistributedFreezeController`` on every rank, and the summary has its
+    ``"ddp"`` entry (the all-reduce bytes saved); rank 0's alone has the signals (see the module
+    docstring).
     """
 
     def __init__(
@@ -185,6 +218,7 @@ class FreezePolicyCallback(pl.Callback):
         self._seen_global_step = 0
         self._loss_sum, self._loss_count = 0.0, 0
         self._cached_loader: Any = None
+        self._unfrozen_in_validation: list[Unit] = []
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ public
@@ -221,6 +255,7 @@ class FreezePolicyCallback(pl.Callback):
         self._controller, self._closed = None, False
         self._final_summary = self._final_state = None
         self._cached_loader = None
+        self._unfrozen_in_validation = []
         self._loss_sum, self._loss_count = 0.0, 0
         restored, self._restored = self._restored, None
         self._planned_steps = self._total_steps(trainer, resumed=restored is not None)
@@ -284,7 +319,30 @@ class FreezePolicyCallback(pl.Callback):
                 "(self.log(...)), name another with monitor=..., or pass monitor=None",
             )
             return
-        self.controller.report_validation(float(value), higher_is_better=self.mode == "max")
+        controller = self.controller
+        before = controller.modes
+        controller.report_validation(float(value), higher_is_better=self.mode == "max")
+        # A unit the safety net unfreezes here goes back to the module's mode, eval during
+        # validation, and Lightning then restores every submodule's mode from before validation,
+        # when the unit was frozen (eval): it would train in eval mode (batch norm on running
+        # statistics). Its mode is set again before the next training batch.
+        self._unfrozen_in_validation += [
+            unit
+            for unit, old, new in zip(controller.units, before, controller.modes, strict=True)
+            if old is Mode.FROZEN and new is not Mode.FROZEN
+        ]
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Put the units the last validation unfroze in the module's training mode again."""
+        if self._unfrozen_in_validation and self._live():
+            training = self.controller.model.training
+            for unit in self._unfrozen_in_validation:
+                if self.controller.modes[unit.index] is not Mode.FROZEN:
+                    for module in unit.modules:
+                        module.train(training)
+        self._unfrozen_in_validation = []
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish()
@@ -332,28 +390,43 @@ class FreezePolicyCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> FreezeController:
         """The controller for this run: the module to freeze, the optimizer Lightning built
-        from ``configure_optimizers`` and one training batch as ``training_step`` sees it."""
-        if trainer.world_size > 1:
-            # --- distributed: replaced when freeze_agent.integrations.ddp lands ---
-            raise RuntimeError(
-                f"FreezePolicyCallback runs on a single process; this Trainer has "
-                f"world_size={trainer.world_size}. DDP support lands with "
-                "freeze_agent.integrations.ddp"
-            )
+        from ``configure_optimizers`` and one training batch as ``training_step`` sees it.
+
+        Under a DDP strategy (the module wrapped in ``DistributedDataParallel``, or more than
+        one process) it is a ``DistributedFreezeController`` built on the module itself (not on
+        Lightning's wrapper, whose forward runs ``training_step``), every rank building it at
+        this same hook, with the communication hook registered on ``trainer.strategy.model``
+        (``attach_ddp``). The wrapper is checked first, so that a strategy without
+        ``find_unused_parameters=True`` fails before anything is partitioned."""
         module = self._module_to_freeze(pl_module)
         optimizer = self._optimizer(trainer)
+        wrapper = _ddp_wrapper(trainer, module)
         inputs = self._example_input(trainer, pl_module, module)
-        return FreezeController.from_pretrained(
+        arguments: dict[str, Any] = {
+            "total_steps": self._planned_steps,
+            "decisions": self.decisions,
+            "interval_steps": self.interval_steps,
+            "safety_net": self.safety_net,
+            **self.controller_kwargs,
+        }
+        if wrapper is None:
+            return FreezeController.from_pretrained(
+                self.policy, module, optimizer, inputs, **arguments
+            )
+        # a collective from here on: every rank reaches on_train_start together
+        controller = DistributedFreezeController.from_pretrained(
             self.policy,
             module,
             optimizer,
             inputs,
-            total_steps=self._planned_steps,
-            decisions=self.decisions,
-            interval_steps=self.interval_steps,
-            safety_net=self.safety_net,
-            **self.controller_kwargs,
+            process_group=wrapper.process_group,
+            **arguments,
         )
+        try:
+            return attach_ddp(controller, wrapper)
+        except BaseException:
+            controller.close()
+            raise
 
     def _module_to_freeze(self, pl_module: pl.LightningModule) -> nn.Module:
         if self.model_attr is None:
@@ -523,6 +596,26 @@ class FreezePolicyCallback(pl.Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message)
+
+
+def _ddp_wrapper(trainer: pl.Trainer, module: nn.Module) -> DistributedDataParallel | None:
+    """Lightning's DDP wrapper of the model (``trainer.strategy.model``) when the run is
+    distributed, checked for what freezing needs (``check_ddp_wrapper``: above all
+    ``find_unused_parameters=True``); None for a single process without a wrapper. One process
+    under a DDP strategy is wrapped too, and its reducer needs the same as several."""
+    wrapper = trainer.strategy.model
+    if not isinstance(wrapper, DistributedDataParallel):
+        if trainer.world_size <= 1:
+            return None
+        raise RuntimeError(
+            f"FreezePolicyCallback runs distributed under a DDP strategy only; this Trainer "
+            f"runs {trainer.world_size} processes under {type(trainer.strategy).__name__}, "
+            f"which wraps the model in {type(wrapper).__name__}, not DistributedDataParallel: "
+            'use Trainer(strategy="ddp_find_unused_parameters_true") or '
+            "DDPStrategy(find_unused_parameters=True)"
+        )
+    check_ddp_wrapper(wrapper, module)
+    return wrapper
 
 
 def _logs_due(trainer: pl.Trainer) -> bool:

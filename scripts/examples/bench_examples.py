@@ -53,16 +53,26 @@ def run_once(example: str, model: str, policy: str, seed: int, args) -> dict:
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
-    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    results = [r for r in map(json_or_none, done.stdout.splitlines()) if isinstance(r, dict)]
     if not results:
         raise RuntimeError(f"{' '.join(command)} printed no JSON result:\n{done.stdout[-3000:]}")
-    # under torchrun every rank prints its own line; rank 0 holds the summary
-    record = next((r for r in results if r.get("rank", 0) == 0), results[-1])
+    # the result is the last line; under torchrun every rank prints one, and rank 0's holds the
+    # summary
+    results = [r for r in results if "train_seconds" in r] or results
+    record = next((r for r in reversed(results) if r.get("rank", 0) == 0), results[-1])
     record.update(example=example, model=model, policy=policy, seed=seed)
     if len(results) > 1:
         keys = ("rank", "checksum", "bytes_saved")
         record["ranks"] = [{key: r.get(key) for key in keys} for r in results]
     return record
+
+
+def json_or_none(line: str) -> object:
+    """The JSON value on ``line``, or None (frameworks print dict-like lines of their own)."""
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 def table(records: list[dict], policy: str) -> str:

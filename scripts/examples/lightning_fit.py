@@ -14,11 +14,21 @@ its state through the trainer's logger and serves the frozen prefix from the act
     python scripts/examples/lightning_fit.py                   # ResNet under the shipped policy
     python scripts/examples/lightning_fit.py --policy none     # the same fit, no freezing
     python scripts/examples/lightning_fit.py --model vit --csv runs/lightning   # with a CSV log
+    python scripts/examples/lightning_fit.py --devices 2       # DDP on two CPU processes
 
 It prints the training time, the test accuracy and the controller's summary (as JSON with
 --json: the last line is one JSON object). The training time is the wall time of the training
 epochs without the validation inside them, measured the same way with and without the policy
 (`TrainingClock`); freeze-agent's own work in the epochs (decisions, logging) is included.
+
+With `--devices N` the fit is data-parallel: Lightning launches the other N-1 processes itself
+(it runs this script again for each) under `strategy="ddp_find_unused_parameters_true"`, which
+freezing needs (plain `"ddp"` with `--policy none`), each process training on its share of every
+batch of 32. The callback is the same line; rank 0 decides and every rank applies its modes, and
+frozen units leave the gradient all-reduce (see `freeze_agent.integrations.lightning`). Each
+rank prints, one after the other, a line as `ddp.py` does: its parameter checksum (equal on every
+rank: the ranks stay identical) and the all-reduce bytes saved; rank 0 adds the test accuracy and
+the summary. With --json each rank's last line is its JSON object, carrying its `rank`.
 """
 
 from __future__ import annotations
@@ -32,11 +42,13 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # plain_loop.py, beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # plain_loop.py, ddp.py beside this
+from ddp import checksum, report
 from plain_loop import accuracy, build_model, digits
 
 from freeze_agent.integrations.lightning import FreezePolicyCallback
@@ -64,8 +76,9 @@ class DigitsClassifier(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
         inputs, targets = batch
         logits = self(inputs)
-        self.log("val_loss", F.cross_entropy(logits, targets))
-        self.log("val_accuracy", (logits.argmax(-1) == targets).float().mean())
+        # sync_dist: under DDP, the mean over every rank's share of the validation set
+        self.log("val_loss", F.cross_entropy(logits, targets), sync_dist=True)
+        self.log("val_accuracy", (logits.argmax(-1) == targets).float().mean(), sync_dist=True)
 
     def configure_optimizers(self) -> dict:
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
@@ -106,12 +119,15 @@ def train(
     epochs: int,
     batch_size: int = 32,
     csv: Path | None = None,
+    devices: int = 1,
 ) -> dict:
+    """Fit on ``devices`` CPU processes (DDP when more than one), ``batch_size`` samples per
+    optimizer step over all of them."""
     pl.seed_everything(seed, verbose=False)
     data = digits(seed)
     loader = DataLoader(
         data["train"],
-        batch_size=batch_size,
+        batch_size=batch_size // devices,
         shuffle=True,
         drop_last=True,
         generator=torch.Generator().manual_seed(seed),
@@ -124,10 +140,14 @@ def train(
         freeze = FreezePolicyCallback(  # freeze-agent
             policy, model_attr="model", monitor="val_accuracy", mode="max", cache=True
         )
+    strategy = "auto"
+    if devices > 1:  # freezing needs DDP to find the parameters without gradients
+        strategy = "ddp" if freeze is None else "ddp_find_unused_parameters_true"  # freeze-agent
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
-        devices=1,
+        devices=devices,
+        strategy=strategy,
         logger=CSVLogger(csv, name=f"{model_name}-{policy}") if csv else False,
         log_every_n_steps=10,
         enable_progress_bar=False,
@@ -145,10 +165,21 @@ def train(
         "policy": policy,
         "seed": seed,
         "train_seconds": clock.seconds,
-        "test_accuracy": accuracy(module.model, model_name, data["test"]),
     }
-    if freeze is not None:
-        result["summary"] = freeze.summary()
+    if devices > 1:
+        digest, param_sum = checksum(module.model)
+        result.update(rank=trainer.global_rank, world_size=trainer.world_size)
+        result.update(checksum=digest, param_sum=param_sum)
+        if freeze is not None:
+            stats = freeze.summary()["ddp"]
+            result.update(bytes_saved=stats["bytes_saved"], bytes_total=stats["bytes_full"])
+        else:  # plain DDP all-reduces every parameter's gradient at every step
+            size = sum(p.numel() * p.element_size() for p in module.parameters())
+            result.update(bytes_saved=0, bytes_total=trainer.global_step * size)
+    if trainer.is_global_zero:
+        result["test_accuracy"] = accuracy(module.model, model_name, data["test"])
+        if freeze is not None:
+            result["summary"] = freeze.summary()
     return result
 
 
@@ -161,10 +192,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--csv", type=Path, help="log to a CSVLogger under this folder")
     parser.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    parser.add_argument("--devices", type=int, default=1, help="CPU processes (DDP when > 1)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = train(args.model, args.policy, args.seed, args.epochs, csv=args.csv)
+    result = train(
+        args.model, args.policy, args.seed, args.epochs, csv=args.csv, devices=args.devices
+    )
+    if args.devices > 1:
+        for rank in range(result["world_size"]):  # one rank after the other: no mixed lines
+            if rank == result["rank"]:
+                report(result, args.json)
+            dist.barrier()  # Lightning's process group is still up after fit
+        return result
     if args.json:
         print(json.dumps(result))
     else:

@@ -1,24 +1,18 @@
 """freeze-agent under DistributedDataParallel (``freeze_agent.integrations.ddp``).
 
 In this process, a one-rank gloo group checks the refusals, the hook's slicing and its byte
-count. The
-``slow`` tests start two ranks as separate processes (gloo over loopback, as ``torchrun`` would:
-RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT), each running this file as a script through
-every scenario, and compare what the ranks saved: parameters bitwise equal after freezing,
-unfreezing, the safety net and LOCAL units, the timelines equal, the reference worker on rank 0
-only, the bytes saved equal to the frozen parameters' gradient bytes at every step, the
-activation cache correct. A hang (a collective one rank never reaches) fails the test when
-the ranks run past their time-out: they are killed.
+count. The ``slow`` tests start two ranks as separate processes (``ranks.run_ranks``: gloo over
+loopback, as ``torchrun`` would: RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT), each running
+this file as a script through every scenario, and compare what the ranks saved: parameters
+bitwise equal after freezing, unfreezing, the safety net and LOCAL units, the timelines equal,
+the reference worker on rank 0 only, the bytes saved equal to the frozen parameters' gradient
+bytes at every step, the activation cache correct. A hang (a collective one rank never reaches)
+fails the test when the ranks run past their time-out: they are killed.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -28,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from helpers import FreezePrefix, ResidualNet, conv_chain
+from ranks import ScriptedModes, flat_parameters, letters, mode_bytes, rank_and_world, run_ranks
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
@@ -42,49 +37,8 @@ from freeze_agent.integrations.ddp import (
     attach_ddp,
     trainable_spans,
 )
-from freeze_agent.policies.base import Observation, Policy
 
 RANKS_TIMEOUT_S = 150  # the ranks take ~10 s; only a hang comes near this
-
-_LETTERS = {"T": Mode.TRAIN, "L": Mode.LOCAL, "F": Mode.FROZEN}
-
-
-class Scripted(Policy):
-    """Returns ``plan[i]`` (a string of T/L/F, one letter per unit) at its i-th decision and the
-    last entry after; counts its calls."""
-
-    name = "scripted"
-
-    def __init__(self, plan: list[str]) -> None:
-        self.plan = plan
-        self._calls = 0
-
-    def reset(self, reference=None) -> None:
-        super().reset(reference)
-        self._calls = 0
-
-    def decide(self, observation: Observation) -> list[Mode]:
-        modes = self.plan[min(self._calls, len(self.plan) - 1)]
-        self._calls += 1
-        return [_LETTERS[letter] for letter in modes]
-
-
-def mode_bytes(controller: FreezeController, mode: Mode) -> int:
-    """Bytes of the parameters (and so of the gradients) of the units now in ``mode``."""
-    return sum(
-        p.numel() * p.element_size()
-        for unit, current in zip(controller.units, controller.modes, strict=True)
-        if current is mode
-        for p in unit.parameters()
-    )
-
-
-def flat_parameters(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def letters(controller: FreezeController) -> str:
-    return "".join(m.name[0] for m in controller.modes)
 
 
 def batch(rank: int, step: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,7 +209,7 @@ def test_the_hook_leaves_exactly_the_frozen_gradients_out_of_the_all_reduce(one_
     controller = DistributedFreezeController.from_pretrained(
         # frozen from the first step (as a resumed run is): partitioning's own backward must not
         # make DDP take the frozen parameters for used ones
-        Scripted(["FFTTT", "TFTTT", "TTTTT", "FFFFT", "TTTTT"]),
+        ScriptedModes(["FFTTT", "TFTTT", "TTTTT", "FFFFT", "TTTTT"]),
         ddp_model,
         optimizer,
         x,
@@ -312,62 +266,9 @@ def test_attach_ddp_makes_a_built_controller_distributed_in_place(one_rank):
 # --------------------------------------------------------------------------- two ranks
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_ranks(out: Path, world: int = 2, timeout: float = RANKS_TIMEOUT_S) -> list[dict]:
-    """Run this file as a script on ``world`` ranks; return what each saved. The ranks are
-    killed (and the test fails) if they run past ``timeout``."""
-    tests = Path(__file__).resolve().parents[1]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(tests), os.environ.get("PYTHONPATH")])),
-        "OMP_NUM_THREADS": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "WORLD_SIZE": str(world),
-        "FREEZE_AGENT_CACHE": str(out / "cache"),
-        "MPLCONFIGDIR": str(out / "matplotlib"),
-        "WANDB_MODE": "disabled",
-        "HF_HUB_OFFLINE": "1",
-    }
-    procs = []
-    for rank in range(world):
-        log = (out / f"rank{rank}.log").open("w")
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, __file__, str(out)],
-                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: killed with its children
-            )
-        )
-        log.close()
-    deadline = time.monotonic() + timeout
-    try:
-        for proc in procs:
-            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the ranks did not finish in {timeout:.0f} s: a collective hangs")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    for rank, proc in enumerate(procs):
-        if proc.returncode != 0:
-            log = (out / f"rank{rank}.log").read_text()
-            pytest.fail(f"rank {rank} exited with {proc.returncode}:\n{log[-6000:]}")
-    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(world)]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    return run_ranks(tmp_path_factory.mktemp("ddp"))
+    return run_ranks(__file__, tmp_path_factory.mktemp("ddp"), timeout=RANKS_TIMEOUT_S)
 
 
 @pytest.mark.slow
@@ -466,7 +367,7 @@ def decisions_scenario(rank: int) -> dict:
         "safety_net": SafetyNet(loss_tolerance=100.0, divergence_factor=100.0),
     }
     controller = DistributedFreezeController.from_pretrained(
-        Scripted(plan), ddp_model, optimizer, batch(rank, 0)[0], **arguments
+        ScriptedModes(plan), ddp_model, optimizer, batch(rank, 0)[0], **arguments
     )
     reports = {10: (0.9, 0.9), 11: (0.9, 0.1), 12: (0.5, 0.95)}  # (rank 0's, rank 1's)
     steps, checkpoint = [], [None]
@@ -496,7 +397,7 @@ def decisions_scenario(rank: int) -> dict:
         controller.close()
     dist.broadcast_object_list(checkpoint, src=0)
     resumed = DistributedFreezeController.from_pretrained(
-        Scripted(plan), model, optimizer, batch(rank, 0)[0], **arguments
+        ScriptedModes(plan), model, optimizer, batch(rank, 0)[0], **arguments
     )
     try:
         resumed.load_state_dict(checkpoint[0])  # rank 1 has no signals to load them into
@@ -519,11 +420,11 @@ def local_scenario(rank: int, synchronized: bool = True) -> dict:
     kwargs = {"interval_steps": 2, "reference": False, "local_lr": 0.05, "safety_net": False}
     if synchronized:
         controller = DistributedFreezeController.from_pretrained(
-            Scripted(plan), ddp_model, optimizer, batch(rank, 0)[0], **kwargs
+            ScriptedModes(plan), ddp_model, optimizer, batch(rank, 0)[0], **kwargs
         )
     else:  # the control: the same modes on every rank, nothing averaged
         controller = FreezeController.from_pretrained(
-            Scripted(plan), model, optimizer, batch(rank, 0)[0], **kwargs
+            ScriptedModes(plan), model, optimizer, batch(rank, 0)[0], **kwargs
         )
     local_unit = controller.units[1]
     try:
@@ -551,7 +452,7 @@ def late_scenario(rank: int, variant: str) -> dict:
     plan = ["TTTTT", "FFTTT", "TFTTT"] if rank == 0 else ["TTTTT"]
     build = FreezeController if variant == "plain" else DistributedFreezeController
     controller = build.from_pretrained(
-        Scripted(plan),
+        ScriptedModes(plan),
         model,
         optimizer,
         batch(rank, 0)[0],
@@ -612,7 +513,7 @@ def cache_scenario(rank: int, world: int, cached: bool) -> dict:
 
 def run_rank(out: Path) -> None:
     torch.set_num_threads(1)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, world = rank_and_world()
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         result = {

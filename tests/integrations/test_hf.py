@@ -4,7 +4,9 @@ the Trainer's own loss, keeps frozen parameters bitwise still under clipping, bf
 weight decay, feeds the evaluation metric to the safety net, logs through the Trainer's logging
 (to reporters registered before it and to ``state.log_history``), resumes from the Trainer's
 checkpoints with the same decisions, serves the activation cache through the Trainer's loader
-and leaves the data order alone."""
+and leaves the data order alone; under DDP (two ranks run this file as a script,
+``ranks.run_ranks``) every rank applies rank 0's decisions, stays bitwise identical and leaves
+the frozen gradients out of the all-reduce, also when resumed."""
 
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ import importlib
 import itertools
 import math
 import sys
+import traceback
 import types
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +28,7 @@ pytest.importorskip("accelerate")
 import torch
 import torch.nn.functional as F
 from helpers import FreezePrefix
+from ranks import ScriptedModes, flat_parameters, letters, mode_bytes, rank_and_world, run_ranks
 from torch import nn
 from transformers import (
     BertConfig,
@@ -36,7 +41,8 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from freeze_agent import Mode
 from freeze_agent.controller.safety_net import SafetyNet
-from freeze_agent.integrations.hf import CHECKPOINT_FILE, FreezePolicyCallback
+from freeze_agent.integrations.ddp import DistributedFreezeController
+from freeze_agent.integrations.hf import CHECKPOINT_FILE, FreezePolicyCallback, _ddp_wrapper
 
 BATCH = 4
 VOCAB, LENGTH = 50, 8
@@ -515,15 +521,20 @@ def test_the_controller_is_a_clear_error_before_training():
         _ = FreezePolicyCallback().controller
 
 
-def test_a_distributed_run_is_refused_until_the_ddp_integration():
+def test_a_distributed_run_without_a_ddp_wrapper_is_refused_saying_why(monkeypatch):
     model = TinyClassifier()
-    optimizer = torch.optim.AdamW(model.parameters())
-    args = types.SimpleNamespace(world_size=2)
-    state = types.SimpleNamespace(max_steps=10)
-    with pytest.raises(
-        RuntimeError, match=r"DDP support lands with freeze_agent\.integrations\.ddp"
-    ):
-        FreezePolicyCallback()._build_controller(model, optimizer, {}, args, state)
+    two, one = types.SimpleNamespace(world_size=2), types.SimpleNamespace(world_size=1)
+    # several processes, no Trainer found above the event: no wrapper to register the hook on
+    with pytest.raises(RuntimeError, match=r"could not find the Trainer .* 2 processes"):
+        _ddp_wrapper(None, model, two)
+    # a Trainer whose model is not wrapped in DDP: no process group, or another wrapper
+    trainer = types.SimpleNamespace(model_wrapped=nn.Sequential(model))
+    with pytest.raises(RuntimeError, match=r"without an initialized torch\.distributed"):
+        _ddp_wrapper(trainer, model, two)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    with pytest.raises(RuntimeError, match=r"DistributedDataParallel only; .* in Sequential"):
+        _ddp_wrapper(trainer, model, two)
+    assert _ddp_wrapper(trainer, model, one) is None  # a single process: the plain controller
 
 
 def test_without_the_extra_the_import_error_says_what_to_install(monkeypatch):
@@ -531,3 +542,195 @@ def test_without_the_extra_the_import_error_says_what_to_install(monkeypatch):
     monkeypatch.delitem(sys.modules, "freeze_agent.integrations.hf")
     with pytest.raises(ImportError, match=r"pip install 'freeze-agent\[hf\]'"):
         importlib.import_module("freeze_agent.integrations.hf")
+
+
+# --------------------------------------------------------------------------- DDP, two ranks
+
+DDP_TIMEOUT_S = 120  # the ranks take ~10 s; only a hang comes near this
+DDP_PLAN = ["TTTTT", "FFFFT", "TFFTT", "FFTTT", "FFFFT"]  # every 2 steps, rank 0's policy
+# evaluations at steps 4, 8 and 12: rank 0's accuracy falls at step 8 (the safety net
+# unfreezes), rank 1's would not, and it is not judged
+DDP_ACCURACY = {0: [0.9, 0.5, 0.5], 1: [0.9, 0.95, 0.95]}
+
+
+@pytest.fixture(scope="module")
+def ddp_ranks(tmp_path_factory) -> list[dict]:
+    return run_ranks(__file__, tmp_path_factory.mktemp("hf-ddp"), timeout=DDP_TIMEOUT_S)
+
+
+@pytest.mark.slow
+def test_under_ddp_every_rank_applies_rank_zero_decisions_and_stays_bitwise_identical(ddp_ranks):
+    zero, one = (r["train"] for r in ddp_ranks)
+    assert torch.equal(zero["params"], one["params"])
+    assert zero["timeline"] == one["timeline"]
+    assert zero["timeline"] == [
+        ("TTTTT", "policy"),
+        ("FFFFT", "policy"),
+        ("TFFTT", "policy"),  # partly unfrozen: two trainable spans in a bucket
+        ("FFTTT", "policy"),
+        ("FFFFT", "policy"),  # step 8, just before its evaluation
+        # rank 0's accuracy fell at step 8 (rank 1's did not): the units frozen since the best
+        # evaluation (step 4) train again, and are held in TRAIN at the next decision
+        ("FFTTT", "safety net"),
+        ("FFTTT", "policy"),
+    ]
+    assert zero["validation"] == one["validation"] == [[4, 0.9], [8, 0.5], [12, 0.5]]
+    assert zero["policy_calls"] == 6 and one["policy_calls"] == 0  # rank 1's never decided
+    # the reference worker and the signals on rank 0 only
+    assert zero["reference"] and zero["signals"] and zero["observations"] == 6
+    assert not one["reference"] and not one["signals"] and one["observations"] == 0
+    # the freeze metrics, the same on every rank, reach every rank's log history
+    assert zero["logged_fractions"] == one["logged_fractions"]
+    assert len(zero["logged_fractions"]) == 12 and max(zero["logged_fractions"]) > 0.5
+
+
+@pytest.mark.slow
+def test_under_ddp_the_bytes_saved_are_the_frozen_gradient_bytes_of_every_step(ddp_ranks):
+    for result in (r["train"] for r in ddp_ranks):
+        steps = result["steps"]
+        assert len(steps) == 12
+        for step in steps:
+            assert step["last_step"]["bytes_full"] == result["total_bytes"]
+            assert step["last_step"]["bytes_saved"] == step["frozen_bytes"]
+            assert step["frozen_grads_none"]
+        ddp = result["summary_ddp"]  # the callback's summary is the distributed one
+        assert ddp["world_size"] == 2 and ddp["comm_hook"] and ddp["syncs"] == 12
+        assert ddp["bytes_saved"] == sum(s["frozen_bytes"] for s in steps) > 0
+
+
+@pytest.mark.slow
+def test_under_ddp_a_resumed_run_loads_the_main_process_checkpoint_on_every_rank(ddp_ranks):
+    for result in ddp_ranks:
+        whole, resumed = result["train"], result["resumed"]
+        assert result["checkpoint_saved"]
+        assert resumed["steps_taken"] == 6  # steps 7..12 after the checkpoint at step 6
+        assert resumed["timeline"] == whole["timeline"]
+        assert resumed["validation"] == whole["validation"]
+        # the same steps from the same state: the same bits as the run that went on
+        assert torch.equal(resumed["params"], whole["params"])
+    assert torch.equal(ddp_ranks[0]["resumed"]["params"], ddp_ranks[1]["resumed"]["params"])
+
+
+@pytest.mark.slow
+def test_under_ddp_without_find_unused_parameters_training_fails_saying_what_to_pass(ddp_ranks):
+    for result in ddp_ranks:
+        message = result["refused"]
+        assert "needs find_unused_parameters=True" in message
+        assert "TrainingArguments(ddp_find_unused_parameters=True)" in message
+
+
+class DDPRecorder(TrainerCallback):
+    """Before each optimizer step (the backward done, the all-reduce with it): the modes, the
+    frozen units' gradient bytes, whether their gradients are None, and what the controller's
+    byte count says of the step; the rank's signals and reference worker once."""
+
+    def __init__(self, callback: FreezePolicyCallback) -> None:
+        self.callback = callback
+        self.steps: list[dict[str, Any]] = []
+        self.observed: dict[str, bool] = {}
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        controller = self.callback.controller
+        assert isinstance(controller, DistributedFreezeController)
+        resting = [
+            p
+            for unit, mode in zip(controller.units, controller.modes, strict=True)
+            if mode is not Mode.TRAIN
+            for p in unit.parameters()
+        ]
+        self.steps.append(
+            {
+                "modes": letters(controller),
+                "frozen_bytes": mode_bytes(controller, Mode.FROZEN),
+                "frozen_grads_none": all(p.grad is None for p in resting),
+                "last_step": controller.distributed_stats()["last_step"],
+            }
+        )
+        if not self.observed:
+            self.observed = {
+                "reference": controller.plasticity is not None,
+                "signals": controller.dynamics is not None,
+            }
+
+
+def ddp_train(
+    rank: int, out: Path, run: str, resume: Path | None = None, **overrides: Any
+) -> tuple[Trainer, FreezePolicyCallback, DDPRecorder]:
+    """One ``train()`` on this rank: the 2-layer BERT, 3 epochs of 4 steps (16 of the 32 rows
+    per rank, batches of 4), evaluated every 4 steps, rank 0's policy following ``DDP_PLAN``,
+    the reference worker on, a checkpoint at step 6. Resumed from it (``resume``), it
+    evaluates twice more, with the last two accuracies."""
+    callback = FreezePolicyCallback(
+        ScriptedModes(DDP_PLAN if rank == 0 else ["TTTTT"]),
+        interval_steps=2,
+        safety_net=SafetyNet(loss_tolerance=100.0, divergence_factor=100.0),
+    )
+    recorder = DDPRecorder(callback)
+    trainer = make_trainer(
+        out,
+        [callback, recorder],
+        model="bert",
+        run=run,
+        num_train_epochs=3,
+        ddp_backend="gloo",
+        eval_dataset=Tokens(16, seed=2),
+        compute_metrics=Scripted(*DDP_ACCURACY[rank][1 if resume is not None else 0 :]),
+        metric_for_best_model="accuracy",
+        eval_strategy="steps",
+        eval_steps=4,
+        save_strategy="steps",
+        save_steps=6,
+        **overrides,
+    )
+    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    return trainer, callback, recorder
+
+
+def run_ddp_rank(out: Path) -> None:
+    """This rank's three runs: refused (no find_unused_parameters), whole, resumed."""
+    torch.set_num_threads(1)
+    rank, world = rank_and_world()
+    assert world == 2
+    warnings.filterwarnings("ignore")
+    result: dict[str, Any] = {}
+    try:
+        ddp_train(rank, out, "refused", ddp_find_unused_parameters=False)
+    except ValueError as error:
+        result["refused"] = str(error)
+    trainer, callback, recorder = ddp_train(rank, out, "whole")
+    assert trainer.args.world_size == 2 and trainer.args.process_index == rank
+    summary = callback.summary()
+    model = trainer.model
+    result["train"] = {
+        "params": flat_parameters(model),
+        "timeline": list(zip(summary["timeline"], summary["causes"], strict=True)),
+        "validation": summary["validation"],
+        "policy_calls": callback.policy._calls,
+        "observations": summary["signals"]["observations"],
+        "steps": recorder.steps,
+        "summary_ddp": summary["ddp"],
+        "total_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "logged_fractions": [
+            e["freeze/frozen_fraction"] for e in trainer.state.log_history if "loss" in e
+        ],
+        **recorder.observed,
+    }
+    checkpoint = out / "whole" / "checkpoint-6"
+    result["checkpoint_saved"] = (checkpoint / CHECKPOINT_FILE).is_file()  # by the main process
+    trainer, callback, recorder = ddp_train(rank, out, "resumed", resume=checkpoint)
+    summary = callback.summary()
+    result["resumed"] = {
+        "params": flat_parameters(trainer.model),
+        "timeline": list(zip(summary["timeline"], summary["causes"], strict=True)),
+        "validation": summary["validation"],
+        "steps_taken": len(recorder.steps),
+    }
+    torch.save(result, out / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    try:
+        run_ddp_rank(Path(sys.argv[1]))
+    except BaseException:
+        traceback.print_exc()
+        sys.exit(1)

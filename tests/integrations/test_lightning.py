@@ -2,13 +2,18 @@
 at the planned optimizer steps, keeps frozen parameters exactly still under clipping,
 accumulation and bf16 autocast, feeds the validation metric to the safety net, logs through the
 trainer's logger, resumes from Lightning checkpoints with the same decisions and leaves the data
-order alone."""
+order alone; under DDP (two ranks run this file as a script, ``ranks.run_ranks``) every rank
+applies rank 0's decisions, stays bitwise identical and leaves the frozen gradients out of the
+all-reduce, also when resumed."""
 
 from __future__ import annotations
 
 import csv
+import sys
+import traceback
 import types
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,10 +26,12 @@ import torch.nn.functional as F
 from helpers import FreezePrefix, ResidualNet
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from ranks import ScriptedModes, flat_parameters, letters, mode_bytes, rank_and_world, run_ranks
 from torch.utils.data import DataLoader, TensorDataset
 
 from freeze_agent import Mode
 from freeze_agent.controller.safety_net import SafetyNet
+from freeze_agent.integrations.ddp import DistributedFreezeController
 from freeze_agent.integrations.lightning import FreezePolicyCallback
 
 pytestmark = [
@@ -184,14 +191,35 @@ def test_frozen_parameters_stay_bitwise_unchanged_with_clipping_accumulation_and
     assert frozen_pairs == 4 * 10  # four frozen units over the 10 steps 11..20
 
 
+class TrainingFlags(pl.Callback):
+    """At each training batch (after the freeze callback's hooks): the units whose modules are
+    not in the mode their freeze mode asks for (eval when FROZEN, training otherwise)."""
+
+    def __init__(self, callback: FreezePolicyCallback) -> None:
+        self.callback = callback
+        self.wrong: list[tuple[int, int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        controller = self.callback.controller
+        self.wrong += [
+            (trainer.global_step, unit.index)
+            for unit, mode in zip(controller.units, controller.modes, strict=True)
+            if any(m.training != (mode is not Mode.FROZEN) for m in unit.modules)
+        ]
+
+
 def test_a_worsening_validation_metric_reaches_the_safety_net():
     # val_loss 1.0 at step 10 (frozen since step 5), then 2.0 at step 20: a regression; then
     # 0.5, a new best, when the units are frozen again
     module = Classifier(synthetic_val=[1.0, 2.0, 0.5, 0.5])
     callback = prefix_callback(safety_net=SafetyNet(hold_decisions=2), monitor="val_loss")
+    flags = TrainingFlags(callback)
     train, val = loaders()
     with pytest.warns(UserWarning, match="safety net at step 20: the validation metric 2 fell"):
-        trainer([callback]).fit(module, train, val)
+        trainer([callback, flags]).fit(module, train, val)
+    # the units unfrozen during validation train in training mode (batch norm on batch
+    # statistics), though Lightning restores the modes from before the validation after it
+    assert flags.wrong == []
 
     summary = callback.summary()
     n = len(summary["units"])
@@ -338,8 +366,200 @@ def test_building_and_misuse_fail_with_what_to_pass():
         trainer([prefix_callback()]).fit(TwoOptimizers(), train, val)
     with pytest.raises(ValueError, match="mode must be 'min' or 'max'"):
         FreezePolicyCallback(FreezePrefix(), mode="lower")
-    distributed = types.SimpleNamespace(world_size=2)
-    with pytest.raises(
-        RuntimeError, match=r"DDP support lands with freeze_agent\.integrations\.ddp"
-    ):
+    # several processes under a strategy that does not wrap the model in DDP (FSDP, DeepSpeed)
+    distributed = types.SimpleNamespace(
+        world_size=2, strategy=types.SimpleNamespace(model=Classifier()), optimizers=[None]
+    )
+    with pytest.raises(RuntimeError, match=r"DDP strategy only; .* wraps the model in Classifier"):
         prefix_callback()._build_controller(distributed, Classifier())
+
+
+# --------------------------------------------------------------------------- DDP, two ranks
+
+DDP_TIMEOUT_S = 120  # the ranks take ~10 s; only a hang comes near this
+DDP_PLAN = ["TTTTT", "FFFFT", "TFFTT", "FFTTT", "FFFFT"]  # every 3 steps, rank 0's policy
+# rank 0's val_loss falls at the second validation (step 10): the safety net unfreezes; rank 1's
+# would not, and it is not judged
+DDP_VAL = {0: [1.0, 2.0, 2.0], 1: [1.0, 0.5, 0.5]}
+
+
+@pytest.fixture(scope="module")
+def ddp_ranks(tmp_path_factory) -> list[dict]:
+    return run_ranks(__file__, tmp_path_factory.mktemp("lightning-ddp"), timeout=DDP_TIMEOUT_S)
+
+
+@pytest.mark.slow
+def test_under_ddp_every_rank_applies_rank_zero_decisions_and_stays_bitwise_identical(ddp_ranks):
+    zero, one = (r["fit"] for r in ddp_ranks)
+    assert torch.equal(zero["params"], one["params"])
+    assert zero["timeline"] == one["timeline"]
+    assert zero["timeline"] == [
+        ("TTTTT", "policy"),
+        ("FFFFT", "policy"),
+        ("TFFTT", "policy"),  # partly unfrozen: two trainable spans in a bucket
+        ("FFTTT", "policy"),
+        # rank 0's val_loss fell at step 10 (rank 1's did not): the unit frozen since the best
+        # validation (step 5) trains again, and is held in TRAIN at the next decision
+        ("TFTTT", "safety net"),
+        ("TFFFT", "policy"),
+    ]
+    assert zero["validation"] == one["validation"] == [[5, 1.0], [10, 2.0], [15, 2.0]]
+    assert [s["modes"] for s in zero["steps"]] == [s["modes"] for s in one["steps"]]
+    assert zero["policy_calls"] == 5 and one["policy_calls"] == 0  # rank 1's never decided
+    # the reference worker and the signals on rank 0 only
+    assert zero["reference"] and zero["signals"] and zero["observations"] == 5
+    assert not one["reference"] and not one["signals"] and one["observations"] == 0
+    assert zero["logged_rows"] > 0  # the freeze metrics reach rank 0's CSV logger
+
+
+@pytest.mark.slow
+def test_under_ddp_the_bytes_saved_are_the_frozen_gradient_bytes_of_every_step(ddp_ranks):
+    for result in (r["fit"] for r in ddp_ranks):
+        steps = result["steps"]
+        assert len(steps) == 15
+        for step in steps:
+            assert step["last_step"]["bytes_full"] == result["total_bytes"]
+            assert step["last_step"]["bytes_saved"] == step["frozen_bytes"]
+            assert step["frozen_grads_none"]
+        ddp = result["summary_ddp"]  # the callback's summary is the distributed one
+        assert ddp["world_size"] == 2 and ddp["comm_hook"] and ddp["syncs"] == 15
+        assert ddp["bytes_saved"] == sum(s["frozen_bytes"] for s in steps) > 0
+
+
+@pytest.mark.slow
+def test_under_ddp_a_resumed_fit_loads_rank_zero_checkpoint_on_every_rank(ddp_ranks):
+    for result in ddp_ranks:
+        fit, resumed = result["fit"], result["resumed"]
+        assert resumed["steps_taken"] == 5  # steps 11..15 after the checkpoint at step 10
+        assert resumed["timeline"] == fit["timeline"]
+        assert resumed["validation"] == fit["validation"]
+        # the same steps from the same state: the same bits as the fit that went on
+        assert torch.equal(resumed["params"], fit["params"])
+    assert torch.equal(ddp_ranks[0]["resumed"]["params"], ddp_ranks[1]["resumed"]["params"])
+
+
+@pytest.mark.slow
+def test_under_ddp_a_strategy_without_find_unused_parameters_fails_saying_what_to_pass(
+    ddp_ranks,
+):
+    for result in ddp_ranks:
+        message = result["refused"]
+        assert "needs find_unused_parameters=True" in message
+        assert 'Trainer(strategy="ddp_find_unused_parameters_true")' in message
+
+
+class DDPRecorder(pl.Callback):
+    """Before each optimizer step (the backward done, the all-reduce with it): the modes, the
+    frozen units' gradient bytes, whether their gradients are None, and what the controller's
+    byte count says of the step; the rank's signals and reference worker once."""
+
+    def __init__(self, callback: FreezePolicyCallback) -> None:
+        self.callback = callback
+        self.steps: list[dict[str, Any]] = []
+        self.observed: dict[str, bool] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        controller = self.callback.controller
+        assert isinstance(controller, DistributedFreezeController)
+        resting = [
+            p
+            for unit, mode in zip(controller.units, controller.modes, strict=True)
+            if mode is not Mode.TRAIN
+            for p in unit.parameters()
+        ]
+        self.steps.append(
+            {
+                "modes": letters(controller),
+                "frozen_bytes": mode_bytes(controller, Mode.FROZEN),
+                "frozen_grads_none": all(p.grad is None for p in resting),
+                "last_step": controller.distributed_stats()["last_step"],
+            }
+        )
+        if not self.observed:
+            self.observed = {
+                "reference": controller.plasticity is not None,
+                "signals": controller.dynamics is not None,
+            }
+
+
+def ddp_fit(
+    rank: int, out: Path, strategy: str, ckpt_path: Path | None = None
+) -> tuple[pl.Trainer, FreezePolicyCallback, Classifier, DDPRecorder]:
+    """One fit on this rank: 3 epochs of 5 steps (40 of the 80 samples per rank, batches of
+    8), validated after each, rank 0's policy following ``DDP_PLAN``, the reference worker on;
+    checkpoints after each epoch's validation (saved by rank 0), a CSV log. Resumed from the
+    checkpoint of epoch 1 (``ckpt_path``), it validates once more, with the third value."""
+    module = Classifier(synthetic_val=DDP_VAL[rank][2 if ckpt_path is not None else 0 :])
+    plan = DDP_PLAN if rank == 0 else ["TTTTT"]
+    callback = FreezePolicyCallback(
+        ScriptedModes(plan),
+        interval_steps=3,
+        model_attr="model",  # the reference worker gets the ResidualNet, an importable class
+        safety_net=SafetyNet(loss_tolerance=100.0, divergence_factor=100.0),
+    )
+    recorder = DDPRecorder(callback)
+    fit = trainer(
+        [callback, recorder, ModelCheckpoint(out / "checkpoints", save_top_k=-1)],
+        max_epochs=3,
+        devices=2,
+        num_nodes=1,
+        strategy=strategy,
+        enable_checkpointing=True,
+        logger=CSVLogger(out / "logs", name="ddp"),
+        log_every_n_steps=1,
+    )
+    train, val = loaders()
+    fit.fit(module, train, val, ckpt_path=ckpt_path)
+    return fit, callback, module, recorder
+
+
+def run_ddp_rank(out: Path) -> None:
+    """This rank's three fits: refused (no find_unused_parameters), whole, resumed."""
+    torch.set_num_threads(1)
+    rank, world = rank_and_world()
+    assert world == 2
+    warnings.filterwarnings("ignore")
+    result: dict[str, Any] = {}
+    try:
+        ddp_fit(rank, out / "refused", "ddp")
+    except ValueError as error:
+        result["refused"] = str(error)
+    fit, callback, module, recorder = ddp_fit(rank, out, "ddp_find_unused_parameters_true")
+    assert fit.world_size == 2 and fit.global_rank == rank
+    summary = callback.summary()
+    logged = 0
+    if rank == 0:
+        with open(Path(fit.logger.log_dir) / "metrics.csv", newline="") as file:
+            logged = sum(1 for row in csv.DictReader(file) if row.get("freeze/frozen_fraction"))
+    result["fit"] = {
+        "params": flat_parameters(module),
+        "timeline": list(zip(summary["timeline"], summary["causes"], strict=True)),
+        "validation": summary["validation"],
+        "policy_calls": callback.policy._calls,
+        "observations": summary["signals"]["observations"],
+        "steps": recorder.steps,
+        "summary_ddp": summary["ddp"],
+        "total_bytes": sum(p.numel() * p.element_size() for p in module.model.parameters()),
+        "logged_rows": logged,
+        **recorder.observed,
+    }
+    checkpoint = out / "checkpoints" / "epoch=1-step=10.ckpt"
+    fit, callback, module, recorder = ddp_fit(
+        rank, out / "resumed", "ddp_find_unused_parameters_true", ckpt_path=checkpoint
+    )
+    summary = callback.summary()
+    result["resumed"] = {
+        "params": flat_parameters(module),
+        "timeline": list(zip(summary["timeline"], summary["causes"], strict=True)),
+        "validation": summary["validation"],
+        "steps_taken": len(recorder.steps),
+    }
+    torch.save(result, out / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    try:
+        run_ddp_rank(Path(sys.argv[1]))
+    except BaseException:
+        traceback.print_exc()
+        sys.exit(1)
