@@ -6,8 +6,10 @@ units to TRAIN and holds them there for a while (``FreezeController`` does the u
 
 * the validation metric the user reports (``FreezeController.report_validation``): it fires
   when the metric falls behind its best so far by more than ``tolerance``;
-* the training loss, every decision: it fires when the loss is not finite or exceeds
-  ``divergence_factor`` times its lowest interval mean (divergence), and, only while no
+* the training loss, every decision: it fires when the loss is not finite, or exceeds
+  ``divergence_factor`` times its lowest interval mean while also having given back
+  ``divergence_regress`` of the progress made since the first interval (divergence: near the
+  end of a run, three times a loss of 0.004 is noise, not a blow-up), and, only while no
   validation metric has been reported, when the interval loss stays above its lowest value
   before the latest freeze by more than ``loss_tolerance`` (relative) for ``patience``
   decisions in a row.
@@ -56,6 +58,8 @@ class SafetyNet:
             as harm when no validation metric is reported.
         patience: decisions in a row the loss must stay that high.
         divergence_factor: interval loss over its lowest value beyond which training diverges.
+        divergence_regress: share of the progress since the first interval (its loss minus the
+            lowest) that a diverging loss must also have given back.
     """
 
     tolerance: float = 0.005
@@ -63,17 +67,19 @@ class SafetyNet:
     loss_tolerance: float = 0.10
     patience: int = 2
     divergence_factor: float = 3.0
+    divergence_regress: float = 0.5
     best: float | None = None
     """Best reported metric so far, sign-adjusted so that higher is better."""
     reports: int = 0
     lowest_loss: float = math.inf
+    first_loss: float | None = None
     loss_before_freeze: float | None = None
     """The lowest interval loss before the latest freeze (the loss-trend baseline)."""
     _high_streak: int = 0
     events: list[SafetyNetEvent] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for name in ("tolerance", "loss_tolerance", "divergence_factor"):
+        for name in ("tolerance", "loss_tolerance", "divergence_factor", "divergence_regress"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"safety net {name} must be a positive number, got {value!r}")
@@ -112,12 +118,16 @@ class SafetyNet:
         """Take a decision interval's mean training loss; returns why the net fires, or None."""
         if not math.isfinite(loss):
             return Alarm(f"the training loss is {loss}", urgent=True)
-        if math.isfinite(self.lowest_loss) and loss > self.divergence_factor * self.lowest_loss:
+        if self._diverges(loss):
             return Alarm(
                 f"training diverges: the interval loss {loss:.4g} is over "
-                f"{self.divergence_factor:g}x its lowest, {self.lowest_loss:.4g}",
+                f"{self.divergence_factor:g}x its lowest, {self.lowest_loss:.4g}, and has given "
+                f"back over {self.divergence_regress:.0%} of the progress from the first "
+                f"interval's {self.first_loss:.4g}",
                 urgent=True,
             )
+        if self.first_loss is None:
+            self.first_loss = loss
         self.lowest_loss = min(self.lowest_loss, loss)
         baseline = self.loss_before_freeze
         if self.reports or baseline is None:
@@ -132,6 +142,15 @@ class SafetyNet:
                 f"pre-freeze low {baseline:.4g} for {self.patience} decisions"
             )
         return None
+
+    def _diverges(self, loss: float) -> bool:
+        if self.first_loss is None or not math.isfinite(self.lowest_loss):
+            return False
+        progress = max(self.first_loss - self.lowest_loss, 0.0)
+        return (
+            loss > self.divergence_factor * self.lowest_loss
+            and loss - self.lowest_loss > self.divergence_regress * progress
+        )
 
     def state_dict(self) -> dict[str, Any]:
         state = asdict(self)

@@ -171,6 +171,21 @@ def test_safety_net_acts_on_divergence_at_once_and_can_be_turned_off():
             assert summary["timeline"][-1].startswith("F")
 
 
+def test_divergence_is_a_blow_up_not_noise_on_a_tiny_end_of_run_loss():
+    # the false alarm the benchmarks showed: 0.0038 -> 0.014 is 3.6x the lowest, but gives back
+    # under 1% of the progress from 2.3
+    net = SafetyNet()
+    for loss in (2.3, 1.0, 0.1, 0.01, 0.0038):
+        assert net.watch_loss(loss) is None
+    assert net.watch_loss(0.014) is None
+    alarm = net.watch_loss(1.5)  # back over half-way to where training started
+    assert alarm is not None and alarm.urgent
+    assert "diverges" in alarm.reason and "first interval's 2.3" in alarm.reason
+    early = SafetyNet()  # early in a run, the lowest is the first loss: 3x it diverges
+    assert early.watch_loss(2.0) is None
+    assert early.watch_loss(6.5) is not None
+
+
 def test_safety_net_settings_are_checked():
     with pytest.raises(ValueError, match="tolerance must be a positive number"):
         SafetyNet(tolerance=-1)
