@@ -111,6 +111,9 @@ class ReferenceWorker:
         startup_timeout_s: a child not ready (torch imported, model loaded) within this many
             seconds of being spawned (or, for a pooled child, of being handed the model) counts
             as a failure.
+        start_method: how a new child starts, "fork" or "spawn" (default:
+            ``reference_pool.default_start_method()``); a pooled child is reused however it
+            started.
 
     Failures (death, hang, an error in the child, an unpicklable model) never raise in the
     training process: each gives one ``ReferenceWorkerWarning`` saying why.
@@ -126,12 +129,14 @@ class ReferenceWorker:
         timeout_s: float = 60.0,
         max_restarts: int = 1,
         startup_timeout_s: float = 120.0,
+        start_method: str | None = None,
     ) -> None:
         self.unit_module_paths = list(unit_module_paths)
         self.threads = threads
         self.timeout_s = timeout_s
         self.max_restarts = max_restarts
         self.startup_timeout_s = startup_timeout_s
+        self.start_method = start_method
         self.restarts = 0
         self._owner_pid = os.getpid()
         self._failure: str | None = None
@@ -276,7 +281,7 @@ class ReferenceWorker:
         worker = pool_take()
         if worker is None:
             try:
-                worker = Incarnation()
+                worker = Incarnation(self.start_method)
             except Exception as error:
                 self._worker = None
                 self._failure = f"could not start ({type(error).__name__}: {error})"

@@ -494,14 +494,13 @@ def test_warm_pool_starts_a_child_ahead_and_a_forked_process_does_not_inherit_it
 def test_children_are_forked_here_and_spawned_children_still_work(empty_pool):
     assert reference_pool.default_start_method() == "fork"  # Linux, no CUDA initialized
     for method in ("fork", "spawn"):
-        child = Incarnation(method)
+        reference_pool.drain_pool()  # a new child, not a pooled one
         model = SleepyNet()
-        worker = ReferenceWorker(model, SLEEPY_PATHS, sleepy_probe(), timeout_s=30.0)
-        worker._worker.stop()  # swap in the child started with ``method``
-        worker._worker = child
-        child.init(worker._token, worker._init_message)
+        worker = ReferenceWorker(
+            model, SLEEPY_PATHS, sleepy_probe(), timeout_s=30.0, start_method=method
+        )
         try:
-            assert child.start_method == method
+            assert worker._worker.start_method == method
             assert worker.submit(model, step=1) and worker.wait(60.0) is not None
         finally:
             worker.close()
