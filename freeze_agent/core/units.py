@@ -48,6 +48,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.module_tracker import ModuleTracker
 
+from freeze_agent.core.random_state import forked_torch_rngs
+
 ModelInput = torch.Tensor | tuple[Any, ...] | Mapping[str, Any]
 
 _NORM_TYPES = (
@@ -202,12 +204,13 @@ def _scalar_objective(output: Any) -> torch.Tensor:
 @contextlib.contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
     """Run probes on ``model`` and leave no trace: buffers (e.g. BatchNorm statistics), gradients,
-    ``requires_grad`` flags, train/eval flags and the global RNG state are all restored."""
+    ``requires_grad`` flags, train/eval flags and torch's generators (the CPU's and those of the
+    model's CUDA devices) are all restored."""
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     grads = {p: p.grad for p in model.parameters()}
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     training = {m: m.training for m in model.modules()}
-    with torch.random.fork_rng(devices=[]):
+    with forked_torch_rngs(model):
         try:
             yield
         finally:

@@ -487,17 +487,9 @@ class FreezePolicyCallback(pl.Callback):
         """Run ``module`` once on ``inputs`` (no gradients, state restored) so that a wrong
         module or input fails with what to pass, not deep inside the partition."""
         name = self.model_attr or type(pl_module).__name__
-        # preserved_state puts the CPU generator back; dropout on an accelerator draws from its own
-        devices = sorted(
-            {p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"}
-        )
         try:
             batch_size_of(inputs)
-            with (
-                preserved_state(module),
-                torch.random.fork_rng(devices=devices),
-                torch.no_grad(),
-            ):
+            with preserved_state(module), torch.no_grad():  # every generator put back
                 call_model(module, inputs)
         except Exception as error:
             raise ValueError(

@@ -8,13 +8,13 @@ dequantized snapshot (``freeze_agent.signals.reference_child``), so both compute
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from freeze_agent.core.random_state import forked_torch_rngs
 from freeze_agent.core.units import ModelInput, Unit, batch_size_of, call_model
 
 __all__ = ["exit_module_paths", "map_tensors", "unit_outputs"]
@@ -65,7 +65,7 @@ def unit_outputs(
     training = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        with _forked_rng(device), torch.no_grad():
+        with forked_torch_rngs(model), torch.no_grad():
             call_model(model, inputs)
     finally:
         for handle in handles:
@@ -105,17 +105,6 @@ def _device_of(model: nn.Module) -> torch.device:
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
     return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _forked_rng(device: torch.device) -> Iterator[None]:
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        with torch.random.fork_rng(devices=[index], device_type="cuda"):
-            yield
-    else:
-        with torch.random.fork_rng(devices=[]):
-            yield
 
 
 def map_tensors(value: Any, fn) -> Any:
