@@ -39,8 +39,9 @@ from freeze_agent.core.units import ModelInput, batch_size_of
 _PROBE_SAMPLES = 4
 
 
-class _RecordingBatchSampler:
-    """Yields the batches of ``batch_sampler`` and appends each to ``drawn``."""
+class RecordingBatchSampler:
+    """Yields the batches of ``batch_sampler`` and appends each to ``drawn``; any other
+    attribute is the wrapped sampler's (a framework's loader may read them)."""
 
     def __init__(self, batch_sampler: Iterable[list[int]], drawn: deque[list[int]]) -> None:
         self.batch_sampler = batch_sampler
@@ -53,6 +54,11 @@ class _RecordingBatchSampler:
 
     def __len__(self) -> int:
         return len(self.batch_sampler)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "batch_sampler":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.batch_sampler, name)
 
 
 def why_not_cacheable(loader: Any, deterministic: bool | None) -> str | None:
@@ -175,7 +181,7 @@ class CachedLoader:
             object.__setattr__(
                 recording,
                 "batch_sampler",
-                _RecordingBatchSampler(loader.batch_sampler, self._drawn),
+                RecordingBatchSampler(loader.batch_sampler, self._drawn),
             )
             object.__setattr__(recording, "_iterator", None)
             self._recording = recording

@@ -1,18 +1,51 @@
 """What every integration needs from a training framework's objects: an example batch taken
-without disturbing the run, and the controller's state as flat scalars for the framework's
-logger."""
+without disturbing the run, the controller built on one process or under the framework's DDP
+wrapper, and the controller's state as flat scalars for the framework's logger."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
 
 from freeze_agent.controller import FreezeController
 from freeze_agent.core.modes import Mode
 from freeze_agent.core.random_state import preserved_global_rngs
+from freeze_agent.core.units import ModelInput
+from freeze_agent.integrations.ddp import DistributedFreezeController, attach_ddp
+from freeze_agent.policies.base import Policy
 
-__all__ = ["controller_metrics", "example_batch"]
+__all__ = ["build_controller", "controller_metrics", "example_batch"]
+
+
+def build_controller(
+    policy: Policy,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    example_input: ModelInput,
+    *,
+    wrapper: DistributedDataParallel | None = None,
+    **arguments: Any,
+) -> FreezeController:
+    """``FreezeController.from_pretrained`` for a callback; with ``wrapper`` (the framework's
+    DDP wrapper of ``model``) a ``DistributedFreezeController`` on ``model`` itself, with the
+    communication hook registered on ``wrapper`` (``attach_ddp``). Under DDP this is a
+    collective: every rank calls it at the same hook."""
+    if wrapper is None:
+        return FreezeController.from_pretrained(
+            policy, model, optimizer, example_input, **arguments
+        )
+    controller = DistributedFreezeController.from_pretrained(
+        policy, model, optimizer, example_input, process_group=wrapper.process_group, **arguments
+    )
+    try:
+        return attach_ddp(controller, wrapper)
+    except BaseException:
+        controller.close()
+        raise
 
 
 def example_batch(loader: Any, samples: int | None = None) -> Any:

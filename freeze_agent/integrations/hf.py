@@ -60,7 +60,7 @@ import os
 import sys
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -71,13 +71,11 @@ from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 
 from freeze_agent.controller import FreezeController
-from freeze_agent.controller.cached_loader import ForwardRouter
+from freeze_agent.controller.cached_loader import ForwardRouter, RecordingBatchSampler
 from freeze_agent.controller.safety_net import SafetyNet
 from freeze_agent.core.units import tensors_in
-from freeze_agent.integrations.common import controller_metrics, example_batch
+from freeze_agent.integrations.common import build_controller, controller_metrics, example_batch
 from freeze_agent.integrations.ddp import (
-    DistributedFreezeController,
-    attach_ddp,
     check_ddp_wrapper,
 )
 from freeze_agent.policies.base import Policy
@@ -378,24 +376,10 @@ class FreezePolicyCallback(TrainerCallback):
             "safety_net": self.safety_net,
             **self.controller_kwargs,
         }
-        if wrapper is None:
-            return FreezeController.from_pretrained(
-                self.policy, model, optimizer, example_input, **arguments
-            )
-        # a collective from here on: every rank reaches on_train_begin together
-        controller = DistributedFreezeController.from_pretrained(
-            self.policy,
-            model,
-            optimizer,
-            example_input,
-            process_group=wrapper.process_group,
-            **arguments,
+        # under DDP a collective: every rank reaches on_train_begin together
+        return build_controller(
+            self.policy, model, optimizer, example_input, wrapper=wrapper, **arguments
         )
-        try:
-            return attach_ddp(controller, wrapper)
-        except BaseException:
-            controller.close()
-            raise
 
     def _resolve_metric(self, args: TrainingArguments) -> tuple[str, bool]:
         """The metric that feeds the safety net, and whether higher is better."""
@@ -708,27 +692,6 @@ def _with_batch_size(loader: Any) -> Any:
     return view
 
 
-class _RecordingBatchSampler:
-    """Yields the batches of ``batch_sampler`` and appends each to ``drawn``."""
-
-    def __init__(self, batch_sampler: Iterable[list[int]], drawn: deque[list[int]]) -> None:
-        self.batch_sampler = batch_sampler
-        self.drawn = drawn
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.batch_sampler:
-            self.drawn.append(list(batch))
-            yield batch
-
-    def __len__(self) -> int:
-        return len(self.batch_sampler)  # type: ignore[arg-type]
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "batch_sampler":
-            raise AttributeError(name)
-        return getattr(self.batch_sampler, name)
-
-
 class _CacheFeed:
     """The activation cache fed through the Trainer's own training loader.
 
@@ -757,7 +720,7 @@ class _CacheFeed:
             return  # the summary's cache entry says why
         self.router, self._base, self._sampler = wrapped.router, base, base.batch_sampler
         # DataLoader forbids setting batch_sampler once built
-        object.__setattr__(base, "batch_sampler", _RecordingBatchSampler(self._sampler, self.drawn))
+        object.__setattr__(base, "batch_sampler", RecordingBatchSampler(self._sampler, self.drawn))
         watch.on_batch.append(self._announce)
 
     def begin_epoch(self) -> None:

@@ -94,10 +94,8 @@ from freeze_agent.core.units import (
     call_model,
     preserved_state,
 )
-from freeze_agent.integrations.common import controller_metrics, example_batch
+from freeze_agent.integrations.common import build_controller, controller_metrics, example_batch
 from freeze_agent.integrations.ddp import (
-    DistributedFreezeController,
-    attach_ddp,
     check_ddp_wrapper,
 )
 from freeze_agent.policies.base import Policy
@@ -409,24 +407,10 @@ class FreezePolicyCallback(pl.Callback):
             "safety_net": self.safety_net,
             **self.controller_kwargs,
         }
-        if wrapper is None:
-            return FreezeController.from_pretrained(
-                self.policy, module, optimizer, inputs, **arguments
-            )
-        # a collective from here on: every rank reaches on_train_start together
-        controller = DistributedFreezeController.from_pretrained(
-            self.policy,
-            module,
-            optimizer,
-            inputs,
-            process_group=wrapper.process_group,
-            **arguments,
+        # under DDP a collective: every rank reaches on_train_start together
+        return build_controller(
+            self.policy, module, optimizer, inputs, wrapper=wrapper, **arguments
         )
-        try:
-            return attach_ddp(controller, wrapper)
-        except BaseException:
-            controller.close()
-            raise
 
     def _module_to_freeze(self, pl_module: pl.LightningModule) -> nn.Module:
         if self.model_attr is None:

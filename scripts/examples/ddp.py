@@ -129,13 +129,18 @@ def main(argv: list[str] | None = None) -> dict:
     dist.init_process_group("gloo")  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR/PORT
     try:
         result = train(args.model, args.policy, args.seed, args.epochs)
-        for rank in range(dist.get_world_size()):  # one rank after the other: no mixed lines
-            if rank == result["rank"]:
-                report(result, args.json)
-            dist.barrier()
+        report_ranks(result, args.json)
     finally:
         dist.destroy_process_group()
     return result
+
+
+def report_ranks(result: dict, as_json: bool) -> None:
+    """Every rank's ``report``, one rank after the other (no mixed lines); a collective."""
+    for rank in range(dist.get_world_size()):
+        if rank == result["rank"]:
+            report(result, as_json)
+        dist.barrier()
 
 
 def report(result: dict, as_json: bool) -> None:

@@ -40,7 +40,6 @@ is its JSON object, carrying its `rank`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -50,7 +49,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 from torch import nn
@@ -58,8 +56,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # ddp.py, plain_loop.py, beside this
-from ddp import checksum, report
-from plain_loop import build_model, digits
+from ddp import checksum, report_ranks
+from plain_loop import build_model, digits, print_result
 
 from freeze_agent.integrations.hf import FreezePolicyCallback
 from freeze_agent.tasks.data import Split
@@ -253,26 +251,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     result = train(args.model, args.policy, args.seed, args.epochs)
     if "rank" in result:
-        for rank in range(result["world_size"]):  # one rank after the other: no mixed lines
-            if rank == result["rank"]:
-                report(result, args.json)
-            dist.barrier()
-        return result
-    if args.json:
-        print(json.dumps(result))
-        return result
-    print(
-        f"{args.model} under {args.policy}: {result['train_seconds']:.1f} s of training, "
-        f"test accuracy {100 * result['test_accuracy']:.2f}%"
-    )
-    summary = result.get("summary")
-    if summary:
-        print(
-            f"modeled speedup {summary['modeled_speedup']:.2f}x, cache "
-            f"{summary['cache']['state']} ({summary['cache']['reason_off'] or 'on'}), "
-            f"safety net interventions: {len(summary['safety_net'] or [])}"
-        )
-        print("last modes:", summary["timeline"][-1], "over", ", ".join(summary["units"]))
+        report_ranks(result, args.json)
+    else:
+        print_result(result, args.json, f"{args.model} under {args.policy}")
     return result
 
 

@@ -34,7 +34,6 @@ the summary. With --json each rank's last line is its JSON object, carrying its 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -42,14 +41,13 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # plain_loop.py, ddp.py beside this
-from ddp import checksum, report
-from plain_loop import accuracy, build_model, digits
+from ddp import checksum, report_ranks
+from plain_loop import accuracy, build_model, digits, print_result
 
 from freeze_agent.integrations.lightning import FreezePolicyCallback
 
@@ -199,27 +197,10 @@ def main(argv: list[str] | None = None) -> dict:
     result = train(
         args.model, args.policy, args.seed, args.epochs, csv=args.csv, devices=args.devices
     )
-    if args.devices > 1:
-        for rank in range(result["world_size"]):  # one rank after the other: no mixed lines
-            if rank == result["rank"]:
-                report(result, args.json)
-            dist.barrier()  # Lightning's process group is still up after fit
-        return result
-    if args.json:
-        print(json.dumps(result))
+    if args.devices > 1:  # Lightning's process group is still up after fit
+        report_ranks(result, args.json)
     else:
-        print(
-            f"{args.model} under {args.policy} (Lightning): {result['train_seconds']:.1f} s of "
-            f"training, test accuracy {100 * result['test_accuracy']:.2f}%"
-        )
-        summary = result.get("summary")
-        if summary:
-            print(
-                f"modeled speedup {summary['modeled_speedup']:.2f}x, cache "
-                f"{summary['cache']['state']} ({summary['cache']['reason_off'] or 'on'}), "
-                f"safety net interventions: {len(summary['safety_net'] or [])}"
-            )
-            print("last modes:", summary["timeline"][-1], "over", ", ".join(summary["units"]))
+        print_result(result, args.json, f"{args.model} under {args.policy} (Lightning)")
     return result
 
 

@@ -199,22 +199,27 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = train(args.model, args.policy, args.seed, args.epochs)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(
-            f"{args.model} under {args.policy}: {result['train_seconds']:.1f} s of training, "
-            f"test accuracy {100 * result['test_accuracy']:.2f}%"
-        )
-        summary = result.get("summary")
-        if summary:
-            print(
-                f"modeled speedup {summary['modeled_speedup']:.2f}x, cache "
-                f"{summary['cache']['state']} ({summary['cache']['reason_off'] or 'on'}), "
-                f"safety net interventions: {len(summary['safety_net'] or [])}"
-            )
-            print("last modes:", summary["timeline"][-1], "over", ", ".join(summary["units"]))
+    print_result(result, args.json, f"{args.model} under {args.policy}")
     return result
+
+
+def print_result(result: dict, as_json: bool, label: str) -> None:
+    """The training time, the test accuracy and what the controller did (or the JSON line)."""
+    if as_json:
+        print(json.dumps(result))
+        return
+    print(
+        f"{label}: {result['train_seconds']:.1f} s of training, "
+        f"test accuracy {100 * result['test_accuracy']:.2f}%"
+    )
+    summary = result.get("summary")
+    if summary:
+        print(
+            f"modeled speedup {summary['modeled_speedup']:.2f}x, cache "
+            f"{summary['cache']['state']} ({summary['cache']['reason_off'] or 'on'}), "
+            f"safety net interventions: {len(summary['safety_net'] or [])}"
+        )
+        print("last modes:", summary["timeline"][-1], "over", ", ".join(summary["units"]))
 
 
 if __name__ == "__main__":

@@ -65,6 +65,44 @@ def letters(controller: FreezeController) -> str:
     return "".join(m.name[0] for m in controller.modes)
 
 
+class StepRecorder:
+    """What a framework callback registered after ``FreezePolicyCallback`` sees before each
+    optimizer step under DDP: the modes, the FROZEN units' gradient bytes, whether every resting
+    unit's gradient is None, and what the hook's byte count says of the step; and, once, whether
+    this rank runs the signals and the reference worker. ``record()`` is called from the
+    framework's pre-optimizer-step hook."""
+
+    def __init__(self, callback) -> None:
+        self.callback = callback
+        self.steps: list[dict] = []
+        self.observed: dict[str, bool] = {}
+
+    def record(self) -> None:
+        from freeze_agent.integrations.ddp import DistributedFreezeController
+
+        controller = self.callback.controller
+        assert isinstance(controller, DistributedFreezeController)
+        resting = [
+            p
+            for unit, mode in zip(controller.units, controller.modes, strict=True)
+            if mode is not Mode.TRAIN
+            for p in unit.parameters()
+        ]
+        self.steps.append(
+            {
+                "modes": letters(controller),
+                "frozen_bytes": mode_bytes(controller, Mode.FROZEN),
+                "frozen_grads_none": all(p.grad is None for p in resting),
+                "last_step": controller.distributed_stats()["last_step"],
+            }
+        )
+        if not self.observed:
+            self.observed = {
+                "reference": controller.plasticity is not None,
+                "signals": controller.dynamics is not None,
+            }
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

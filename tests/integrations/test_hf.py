@@ -28,7 +28,13 @@ pytest.importorskip("accelerate")
 import torch
 import torch.nn.functional as F
 from helpers import FreezePrefix
-from ranks import ScriptedModes, flat_parameters, letters, mode_bytes, rank_and_world, run_ranks
+from ranks import (
+    ScriptedModes,
+    StepRecorder,
+    flat_parameters,
+    rank_and_world,
+    run_ranks,
+)
 from torch import nn
 from transformers import (
     BertConfig,
@@ -41,7 +47,6 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from freeze_agent import Mode
 from freeze_agent.controller.safety_net import SafetyNet
-from freeze_agent.integrations.ddp import DistributedFreezeController
 from freeze_agent.integrations.hf import CHECKPOINT_FILE, FreezePolicyCallback, _ddp_wrapper
 
 BATCH = 4
@@ -619,38 +624,11 @@ def test_under_ddp_without_find_unused_parameters_training_fails_saying_what_to_
         assert "TrainingArguments(ddp_find_unused_parameters=True)" in message
 
 
-class DDPRecorder(TrainerCallback):
-    """Before each optimizer step (the backward done, the all-reduce with it): the modes, the
-    frozen units' gradient bytes, whether their gradients are None, and what the controller's
-    byte count says of the step; the rank's signals and reference worker once."""
-
-    def __init__(self, callback: FreezePolicyCallback) -> None:
-        self.callback = callback
-        self.steps: list[dict[str, Any]] = []
-        self.observed: dict[str, bool] = {}
+class DDPRecorder(StepRecorder, TrainerCallback):
+    """``StepRecorder`` before each optimizer step (the backward done, the all-reduce with it)."""
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        controller = self.callback.controller
-        assert isinstance(controller, DistributedFreezeController)
-        resting = [
-            p
-            for unit, mode in zip(controller.units, controller.modes, strict=True)
-            if mode is not Mode.TRAIN
-            for p in unit.parameters()
-        ]
-        self.steps.append(
-            {
-                "modes": letters(controller),
-                "frozen_bytes": mode_bytes(controller, Mode.FROZEN),
-                "frozen_grads_none": all(p.grad is None for p in resting),
-                "last_step": controller.distributed_stats()["last_step"],
-            }
-        )
-        if not self.observed:
-            self.observed = {
-                "reference": controller.plasticity is not None,
-                "signals": controller.dynamics is not None,
-            }
+        self.record()
 
 
 def ddp_train(

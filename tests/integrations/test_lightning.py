@@ -26,12 +26,17 @@ import torch.nn.functional as F
 from helpers import FreezePrefix, ResidualNet
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from ranks import ScriptedModes, flat_parameters, letters, mode_bytes, rank_and_world, run_ranks
+from ranks import (
+    ScriptedModes,
+    StepRecorder,
+    flat_parameters,
+    rank_and_world,
+    run_ranks,
+)
 from torch.utils.data import DataLoader, TensorDataset
 
 from freeze_agent import Mode
 from freeze_agent.controller.safety_net import SafetyNet
-from freeze_agent.integrations.ddp import DistributedFreezeController
 from freeze_agent.integrations.lightning import FreezePolicyCallback
 
 pytestmark = [
@@ -448,38 +453,11 @@ def test_under_ddp_a_strategy_without_find_unused_parameters_fails_saying_what_t
         assert 'Trainer(strategy="ddp_find_unused_parameters_true")' in message
 
 
-class DDPRecorder(pl.Callback):
-    """Before each optimizer step (the backward done, the all-reduce with it): the modes, the
-    frozen units' gradient bytes, whether their gradients are None, and what the controller's
-    byte count says of the step; the rank's signals and reference worker once."""
-
-    def __init__(self, callback: FreezePolicyCallback) -> None:
-        self.callback = callback
-        self.steps: list[dict[str, Any]] = []
-        self.observed: dict[str, bool] = {}
+class DDPRecorder(StepRecorder, pl.Callback):
+    """``StepRecorder`` before each optimizer step (the backward done, the all-reduce with it)."""
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        controller = self.callback.controller
-        assert isinstance(controller, DistributedFreezeController)
-        resting = [
-            p
-            for unit, mode in zip(controller.units, controller.modes, strict=True)
-            if mode is not Mode.TRAIN
-            for p in unit.parameters()
-        ]
-        self.steps.append(
-            {
-                "modes": letters(controller),
-                "frozen_bytes": mode_bytes(controller, Mode.FROZEN),
-                "frozen_grads_none": all(p.grad is None for p in resting),
-                "last_step": controller.distributed_stats()["last_step"],
-            }
-        )
-        if not self.observed:
-            self.observed = {
-                "reference": controller.plasticity is not None,
-                "signals": controller.dynamics is not None,
-            }
+        self.record()
 
 
 def ddp_fit(
