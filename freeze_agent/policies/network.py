@@ -309,8 +309,18 @@ def deterministic_actions(
     """The most probable legal mode of every slot, (max_units,) ints, for one observation.
 
     Legal modes come from ``action_mask``, so the SB3 model (``model.policy``) and a policy
-    loaded from its artifact decide the same way on the same observation.
+    loaded from its artifact decide the same way on the same observation. This is
+    ``policy.predict(observation, deterministic=True, action_masks=...)`` without building the
+    masked distributions (a quarter of the cost, which a deployed run pays at every decision):
+    the actor's logits, illegal modes set to sb3-contrib's -1e8, and the argmax of each slot's
+    probabilities, as ``MaskableCategorical``'s mode takes it.
     """
-    masks = action_mask(observation).reshape(-1)
-    actions, _ = policy.predict(observation, deterministic=True, action_masks=masks)
-    return actions
+    policy.set_training_mode(False)
+    observation_tensor, _ = policy.obs_to_tensor(observation)
+    with th.no_grad():
+        features = policy.extract_features(observation_tensor, policy.pi_features_extractor)
+        logits = policy.action_net(policy.mlp_extractor.forward_actor(features))
+        logits = logits.reshape(-1, len(Mode))
+        legal = th.as_tensor(action_mask(observation), device=logits.device).reshape(logits.shape)
+        masked = th.where(legal, logits, th.tensor(-1e8, dtype=logits.dtype))
+        return masked.softmax(-1).argmax(-1).cpu().numpy()

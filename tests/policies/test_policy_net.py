@@ -150,3 +150,19 @@ def test_wrong_spaces_are_refused():
         UnitAttentionPolicy(observation_space(4), spaces.MultiDiscrete([3] * 5), lambda _: 1e-3)
     with pytest.raises(ValueError, match="Dict space"):
         UnitAttentionPolicy(spaces.Box(-1, 1, (4,)), spaces.MultiDiscrete([3] * 4), lambda _: 1e-3)
+
+
+def test_deterministic_actions_are_sb3_predict_on_the_shipped_policy():
+    # the fast path must decide exactly as sb3-contrib's masked predict does
+    from freeze_agent.policies.registry import make_policy as make_registered
+
+    network = make_registered("default").network
+    max_units = network.max_units
+    rng = np.random.default_rng(0)
+    for n_units in (2, 5, 9, max_units):
+        for _ in range(10):
+            observation = random_observation(rng, max_units, n_units)
+            expected, _ = network.predict(
+                observation, deterministic=True, action_masks=action_mask(observation).reshape(-1)
+            )
+            np.testing.assert_array_equal(deterministic_actions(network, observation), expected)
