@@ -72,34 +72,43 @@ class DynamicsTracker:
 
     @torch.no_grad()
     def end_interval(self) -> list[UnitDynamics]:
-        """Close the interval: update each unit's signals and start a new interval."""
-        offset = 0
-        for u, params in enumerate(self.params):
-            span = range(offset, offset + len(params))
-            offset += len(params)
-            d = self.dynamics[u]
+        """Close the interval: update each unit's signals and start a new interval.
+
+        Every norm comes from four fused ``_foreach_norm`` calls over all parameters (weights,
+        weight change, gradient sum in L2 and L1), summed per unit in float64 and read back in
+        one transfer, so the cost is a few passes over the weights whatever their count."""
+        weights = [p.detach() for p in self._flat]
+        torch._foreach_sub_(self._start_weights, weights)  # start - now: the change, negated
+        squares = torch.stack(
+            [
+                _tensor_norms(weights) ** 2,
+                _tensor_norms(self._start_weights) ** 2,
+                _tensor_norms(self._grad_sum) ** 2,
+                _tensor_norms(self._grad_sum, 1),
+            ]
+        )
+        per_unit = torch.zeros(4, len(self.units), dtype=torch.float64, device=squares.device)
+        per_unit.index_add_(1, torch.tensor(self._unit_of, device=squares.device), squares)
+        weight_sq, delta_sq, grad_sq, grad_l1s = per_unit.cpu().tolist()
+        for u, d in enumerate(self.dynamics):
             steps = self._steps_with_grad[u]
             if steps == 0:
                 d.age += 1
                 continue
-            weights = [self._flat[i].detach() for i in span]
-            weight_norm = _norm(weights)
-            delta = torch._foreach_sub(weights, [self._start_weights[i] for i in span])
-            grad_l1 = float(sum(self._grad_sum[i].abs().sum() for i in span))
-            previous = d.grad_l1
+            weight_norm = max(math.sqrt(weight_sq[u]), 1e-12)
+            previous, grad_l1 = d.grad_l1, grad_l1s[u]
             d.grad_change = (
                 abs(previous - grad_l1) / previous
                 if math.isfinite(previous) and previous > 0
                 else math.nan
             )
             d.grad_l1 = grad_l1
-            d.weight_change = _norm(delta) / max(weight_norm, 1e-12)
-            grad_sum = [self._grad_sum[i] for i in span]
-            d.grad_to_weight = _norm(grad_sum) / steps / max(weight_norm, 1e-12)
+            d.weight_change = math.sqrt(delta_sq[u]) / weight_norm
+            d.grad_to_weight = math.sqrt(grad_sq[u]) / steps / weight_norm
             d.age = 0
             self._steps_with_grad[u] = 0
         torch._foreach_zero_(self._grad_sum)
-        self._start_weights = self._copy_weights()
+        torch._foreach_copy_(self._start_weights, weights)
         return self.dynamics
 
     def state_dict(self) -> dict:
@@ -122,7 +131,10 @@ class DynamicsTracker:
             mine.copy_(saved)
 
 
-def _norm(tensors: Sequence[torch.Tensor]) -> float:
+def _tensor_norms(tensors: Sequence[torch.Tensor], order: float = 2.0) -> torch.Tensor:
+    """The ``order``-norm of each tensor, as one float64 vector on the first tensor's device."""
     if not tensors:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(tensors)))))
+        return torch.zeros(0, dtype=torch.float64)
+    device = tensors[0].device
+    norms = torch._foreach_norm(list(tensors), order)
+    return torch.stack([n.to(device, torch.float64) for n in norms])
