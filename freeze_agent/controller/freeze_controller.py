@@ -170,6 +170,9 @@ class FreezeController:
             safety_net: True (default) for the default ``SafetyNet``, a ``SafetyNet`` to tune
                 it, False to turn it off.
             **kwargs: the constructor's other arguments (``max_units``, ``reference``, ...).
+                ``signals`` defaults to the policy's ``reads_signals``: a fixed schedule
+                (``linear``, ``freezeout``, ...) reads only progress, so it runs without the
+                per-step gradient sums, the probe forwards and the reference worker.
         """
         chosen = make_policy(policy) if isinstance(policy, (str, Path)) else policy
         if not isinstance(chosen, Policy):
@@ -178,6 +181,7 @@ class FreezeController:
                 f"{type(policy).__name__}"
             )
         schedule = DecisionSchedule.plan(total_steps, decisions, interval_steps)
+        kwargs.setdefault("signals", chosen.reads_signals)
         controller = cls(model, optimizer, example_input, total_steps=total_steps, **kwargs)
         try:
             controller.attach_policy(chosen, schedule, safety_net=safety_net)

@@ -45,6 +45,12 @@ class Policy(ABC):
     registry_name: ClassVar[str | None] = None
     aliases: ClassVar[tuple[str, ...]] = ()  # other names that reach the same class
     privileged: ClassVar[bool] = False
+    reads_signals: ClassVar[bool] = True
+    """Whether ``decide`` reads the measured signals (gradient and weight dynamics, plasticity,
+    the attention score). A policy that does not (a fixed schedule reads only progress) is
+    deployed without them: ``FreezeController.from_pretrained`` then builds no signal machinery
+    (no per-step gradient sums, probe forwards or reference worker), so it pays nothing for
+    what it never reads."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

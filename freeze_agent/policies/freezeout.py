@@ -23,6 +23,7 @@ class FreezeOut(Policy):
     """
 
     registry_name = "freezeout"
+    reads_signals = False
 
     def __init__(self, t0: float = 0.8, scaled: bool = True) -> None:
         if not 0.0 < t0 <= 1.0:

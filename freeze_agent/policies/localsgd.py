@@ -29,6 +29,7 @@ class LocalSGDStatic(Policy):
     (its rate follows the training loss trend) is the controller's."""
 
     registry_name = "localsgd-static"
+    reads_signals = False
 
     def __init__(self, start: float = 0.2, end: float = 1.0) -> None:
         if not 0.0 <= start < end <= 1.0:

@@ -17,6 +17,7 @@ class RandomPrefix(Policy):
     every reset, so runs repeat. Any informed policy should beat it at the same frozen fraction."""
 
     registry_name = "random"
+    reads_signals = False
 
     def __init__(self, fraction: float = 0.3, seed: int = 0) -> None:
         if not 0.0 <= fraction <= 1.0:

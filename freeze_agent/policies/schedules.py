@@ -17,6 +17,7 @@ class NoFreeze(Policy):
 
     name = "none"
     registry_name = "none"
+    reads_signals = False
 
     def decide(self, observation: Observation) -> list[Mode]:
         return [Mode.TRAIN] * n_units(observation)
@@ -31,6 +32,7 @@ class LinearPrefix(Policy):
     """
 
     registry_name = "linear"
+    reads_signals = False
     aliases = ("linear-prefix",)
 
     def __init__(self, start: float = 0.3, end: float = 1.0) -> None:
@@ -62,6 +64,7 @@ class Geometric(Policy):
     """
 
     registry_name = "geometric"
+    reads_signals = False
 
     def __init__(self, alpha: float = 1 / 3, steps: int = 10) -> None:
         if not 0.0 < alpha < 1.0 or steps < 1:

@@ -27,6 +27,7 @@ class PlateauTeacher(Policy):
 
     registry_name = "teacher"
     privileged = True
+    reads_signals = False
 
     def __init__(self, tolerance: float = 0.05) -> None:
         if not 0.0 < tolerance < 1.0:

@@ -72,6 +72,31 @@ def test_the_shipped_policy_deploys_with_its_signals_in_a_plain_loop(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("policy", "kwargs", "measured"),
+    [
+        ("linear-prefix:0.2", {}, False),  # a fixed schedule reads only progress
+        ("freezeout", {}, False),
+        ("autofreeze", {}, True),  # reads the gradient dynamics
+        ("linear-prefix:0.2", {"signals": True}, True),  # asked for explicitly
+    ],
+)
+def test_only_a_policy_that_reads_the_signals_pays_for_them(policy, kwargs, measured):
+    model, optimizer, x, y = make_run()
+    controller = FreezeController.from_pretrained(
+        policy, model, optimizer, x, total_steps=20, decisions=4, reference=False, **kwargs
+    )
+    try:
+        train(model, optimizer, controller, x, y, 20)
+        observation = controller.last_observation
+    finally:
+        controller.close()
+    assert (controller.dynamics is not None) is measured
+    assert (controller.attention is not None) is measured
+    # without the signals the observation still carries progress, so the schedule still runs
+    assert len(controller.timeline) == 4 and observation is not None
+
+
+@pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
         ({}, ValueError, "needs the run's length: pass total_steps"),
