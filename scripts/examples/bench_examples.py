@@ -2,17 +2,21 @@
 Hugging Face Trainer, or DDP under torchrun) on models that no freeze-agent task uses, against
 the same example without freezing.
 
-For every model and seed it runs the example twice, once under the policy and once with
-`--policy none`, each in a fresh process, alternating which goes first (so drift in machine load
-falls on both sides), and reports per model the training-time speedup (no-freeze seconds over
-policy seconds, the controller's own overhead included), the test-accuracy change in points and
-the controller's summary. Records are appended to `OUT/records.jsonl` as they finish, so an
-interrupted run resumes where it stopped.
+For every model and seed it runs the example once with `--policy none` and once under each
+policy (the shipped one, or published methods beside it: `--policy default autofreeze egeria`),
+each in a fresh process, rotating which goes first (so drift in machine load falls on every
+side), and reports per policy and model the training-time speedup (no-freeze seconds over policy
+seconds, the controller's own overhead included), the modeled speedup, the share of the policy
+run's training time spent deciding (observing and the policy's forward), the test-accuracy
+change in points and the controller's summary. Records are appended to `OUT/records.jsonl` as
+they finish, so an interrupted run resumes where it stopped.
 
     python scripts/examples/bench_examples.py --out docs/bench/deploy
     python scripts/examples/bench_examples.py --example lightning_fit --out docs/bench/lightning
     python scripts/examples/bench_examples.py --example hf_finetune --out docs/bench/hf
     python scripts/examples/bench_examples.py --example ddp --models resnet --out docs/bench/ddp
+    python scripts/examples/bench_examples.py --policy default autofreeze egeria freezeout \
+        --out docs/bench/methods
 """
 
 from __future__ import annotations
@@ -75,9 +79,15 @@ def json_or_none(line: str) -> object:
         return None
 
 
+HEADER = (
+    "| model | seeds | speedup (measured) | modeled | deciding | test accuracy change | "
+    "safety net |"
+)
+
+
 def table(records: list[dict], policy: str) -> str:
-    rows = ["| model | seeds | speedup (measured) | modeled | test accuracy change | safety net |"]
-    rows.append("| --- | ---: | ---: | ---: | ---: | ---: |")
+    rows = [f"policy `{policy}` against no freezing:\n"]
+    rows += [HEADER, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     speedups = []
     for model in sorted({r["model"] for r in records}):
         pairs = []
@@ -90,11 +100,13 @@ def table(records: list[dict], policy: str) -> str:
         ratios = [base["train_seconds"] / run["train_seconds"] for base, run in pairs]
         deltas = [100 * (run["test_accuracy"] - base["test_accuracy"]) for base, run in pairs]
         modeled = [run["summary"]["modeled_speedup"] for _, run in pairs]
+        deciding = [run["summary"]["decision_seconds"] / run["train_seconds"] for _, run in pairs]
         events = sum(len(run["summary"]["safety_net"] or []) for _, run in pairs)
         speedups.extend(ratios)
         rows.append(
             f"| {model} | {len(pairs)} | {geomean(ratios):.2f}x "
             f"({', '.join(f'{r:.2f}' for r in ratios)}) | {geomean(modeled):.2f}x | "
+            f"{100 * sum(deciding) / len(deciding):.1f}% | "
             f"{sum(deltas) / len(deltas):+.2f}pp ({', '.join(f'{d:+.2f}' for d in deltas)}) | "
             f"{events} |"
         )
@@ -112,7 +124,7 @@ def main() -> None:
     parser.add_argument("--example", choices=sorted(EXAMPLES), default="plain_loop")
     parser.add_argument("--models", nargs="+", help="default: the example's models")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--policy", default="default")
+    parser.add_argument("--policy", nargs="+", default=["default"], help="one or more policies")
     parser.add_argument("--epochs", type=int, help="default: the example's")
     parser.add_argument("--out", type=Path, help="default: runs/bench_EXAMPLE")
     parser.add_argument("--threads", type=int, help="torch threads per run (default: torch's)")
@@ -124,8 +136,8 @@ def main() -> None:
     records = [json.loads(line) for line in path.open()] if path.exists() else []
     done = {(r["model"], r["policy"], r["seed"]) for r in records}
     for i, (seed, model) in enumerate((s, m) for s in args.seeds for m in models):
-        order = [args.policy, "none"] if i % 2 == 0 else ["none", args.policy]
-        for policy in order:
+        arms = ["none", *args.policy]
+        for policy in arms[i % len(arms) :] + arms[: i % len(arms)]:
             if (model, policy, seed) in done:
                 continue
             record = run_once(args.example, model, policy, seed, args)
@@ -137,7 +149,7 @@ def main() -> None:
                 f"test {100 * record['test_accuracy']:.2f}%",
                 flush=True,
             )
-    report = table(records, args.policy)
+    report = "\n\n".join(table(records, policy) for policy in args.policy)
     (out / "summary.md").write_text(report + "\n")
     print(report)
 
