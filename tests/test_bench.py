@@ -30,12 +30,17 @@ def test_a_round_runs_none_first_and_last_with_the_others_shuffled_in_between(ti
 @pytest.mark.slow
 def test_the_bench_writes_its_outputs_and_a_rerun_skips_finished_runs(tiny_task, tmp_path):
     out = tmp_path / "bench"
-    argv = ["bench", "--tasks", str(tiny_task.path), "--policies", "linear:0.2,freezeout"]
+    argv = ["bench", "--tasks", str(tiny_task.path), "--policies", "linear:0.2,autofreeze"]
     assert main([*argv, "--seeds", "0", "--out", str(out)]) == 0
     stored = sorted((out / "runs").rglob("*.json"))
     assert len(stored) == 4  # none, two policies, none
     results = json.loads((out / "results.json").read_text())
-    assert {r["policy_spec"] for r in results["records"]} == {"none", "linear:0.2", "freezeout"}
+    assert {r["policy_spec"] for r in results["records"]} == {"none", "linear:0.2", "autofreeze"}
+    # each run pays for the signals its policy reads, and only those: the fixed schedules and
+    # the reference train bare, AutoFreeze measures them (the reference worker included)
+    plasticity = {r["policy_spec"]: r["signals"]["plasticity_fraction"] for r in results["records"]}
+    assert plasticity["none"] == plasticity["linear:0.2"] == 0
+    assert plasticity["autofreeze"] > 0
     assert all(r["timeline"] and r["curve"] for r in results["records"])
     linear = next(r for r in results["tasks"] if r["policy"] == "linear:0.2")
     assert linear["modeled_speedup"] > 1.0 and linear["seeds"] == 1

@@ -8,6 +8,10 @@ anything is timed. Each finished run is stored in ``OUT/runs/``; running the sam
 after an interruption skips them and does only the missing ones. The oracle's schedule is
 searched once per task (``freeze_agent.bench.oracle``) before its runs and kept in
 ``OUT/oracle/``.
+
+Each run measures only the signals its policy reads (``Policy.reads_signals``), as
+``FreezeController.from_pretrained`` deploys it: ``none`` and the fixed schedules train bare,
+so a measured speedup includes what the signals cost the policies that need them.
 """
 
 from __future__ import annotations
@@ -116,7 +120,13 @@ class Bench:
                     on_run(planned, True)
                 continue
             policy = self._policy(planned, oracles)
-            record = train_under(planned.task, planned.seed, policy, epochs=self.epochs)
+            record = train_under(
+                planned.task,
+                planned.seed,
+                policy,
+                epochs=self.epochs,
+                signals=policy.reads_signals,
+            )
             record.update(policy_spec=planned.policy, slot=planned.slot, split=planned.task.split)
             path.parent.mkdir(parents=True, exist_ok=True)
             temporary = path.with_suffix(".partial")
