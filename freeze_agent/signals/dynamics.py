@@ -53,6 +53,8 @@ class DynamicsTracker:
         flat = [p for ps in self.params for p in ps]
         self._flat = flat
         self._unit_of = [u for u, ps in enumerate(self.params) for _ in ps]
+        device = flat[0].device if flat else torch.device("cpu")
+        self._unit_index = torch.tensor(self._unit_of, dtype=torch.long, device=device)
         self._grad_sum = [torch.zeros_like(p) for p in flat]
         self._steps_with_grad = [0] * len(self.units)
         self._start_weights = self._copy_weights()
@@ -88,7 +90,7 @@ class DynamicsTracker:
             ]
         )
         per_unit = torch.zeros(4, len(self.units), dtype=torch.float64, device=squares.device)
-        per_unit.index_add_(1, torch.tensor(self._unit_of, device=squares.device), squares)
+        per_unit.index_add_(1, self._unit_index, squares)
         weight_sq, delta_sq, grad_sq, grad_l1s = per_unit.cpu().tolist()
         for u, d in enumerate(self.dynamics):
             steps = self._steps_with_grad[u]

@@ -11,7 +11,7 @@ run's training time spent deciding (observing and the policy's forward), the tes
 change in points and the controller's summary. Records are appended to `OUT/records.jsonl` as
 they finish, so an interrupted run resumes where it stopped.
 
-    python scripts/examples/bench_examples.py --out docs/bench/deploy
+    python scripts/examples/bench_examples.py --out docs/bench/plain_loop
     python scripts/examples/bench_examples.py --example lightning_fit --out docs/bench/lightning
     python scripts/examples/bench_examples.py --example hf_finetune --out docs/bench/hf
     python scripts/examples/bench_examples.py --example ddp --models resnet --out docs/bench/ddp
