@@ -79,21 +79,27 @@ def _foreign_hooks_removed(model: nn.Module) -> Iterator[None]:
     """Hide hooks not defined by torch itself (a controller's, a profiler's) while the model is
     pickled: they belong to the training process, and pickling a bound method would drag its
     whole owner along. Torch's own (weight norm, spectral norm) are part of the architecture."""
-    saved: list[tuple[nn.Module, str, Any]] = []
+    # Filtered in place: a hook's RemovableHandle holds a reference to this very dict, and a
+    # model may keep the handle as an attribute (transformers' ``enable_input_require_grads``,
+    # called by ``gradient_checkpointing_enable``), so the handle pickles the dict with it.
+    saved: list[tuple[OrderedDict, list[tuple[Any, Any]]]] = []
     for module in model.modules():
         for attr in _HOOK_ATTRIBUTES:
             hooks = module.__dict__.get(attr)
             if not hooks:
                 continue
-            kept = OrderedDict((k, h) for k, h in hooks.items() if _is_torch_hook(h))
-            if len(kept) != len(hooks):
-                saved.append((module, attr, hooks))
-                module.__dict__[attr] = kept
+            items = list(hooks.items())
+            kept = [(k, h) for k, h in items if _is_torch_hook(h)]
+            if len(kept) != len(items):
+                saved.append((hooks, items))
+                hooks.clear()
+                hooks.update(kept)
     try:
         yield
     finally:
-        for module, attr, hooks in saved:
-            module.__dict__[attr] = hooks
+        for hooks, items in saved:
+            hooks.clear()
+            hooks.update(items)
 
 
 def _is_torch_hook(hook: Any) -> bool:

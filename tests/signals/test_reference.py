@@ -378,6 +378,33 @@ def test_an_unpicklable_model_leaves_the_worker_unavailable_with_a_warning():
     worker.close()
 
 
+def test_a_model_holding_the_handle_of_a_local_hook_still_gets_a_worker():
+    """transformers' ``gradient_checkpointing_enable`` registers a local function as a forward
+    hook and keeps its handle on the model; the handle pickles the hook dict it points to."""
+    model = DigitsMLP()
+    seen = []
+
+    def make_inputs_require_grads(_module, _args, output):  # local: not picklable
+        seen.append(output.shape)
+
+    model._require_grads_hook = model.layer1.register_forward_hook(make_inputs_require_grads)
+    paths = exit_module_paths(model, partition(model, torch.randn(2, 1, 8, 8)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReferenceWorkerWarning)
+        worker = ReferenceWorker(model, paths, digits_probe())
+    try:
+        assert worker.submit(model, step=0)
+        assert worker.wait(60.0) is not None, worker.status
+    finally:
+        worker.close()
+    seen.clear()
+    model(torch.randn(2, 1, 8, 8))  # the hook is still registered, and still removable
+    assert len(seen) == 1
+    model._require_grads_hook.remove()
+    model(torch.randn(2, 1, 8, 8))
+    assert len(seen) == 1
+
+
 # --------------------------------------------------------------------------- the pool
 
 
