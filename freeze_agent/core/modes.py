@@ -22,20 +22,32 @@ class Mode(IntEnum):
     FROZEN = 2
 
 
+_BY_LETTER = {mode.name[0]: mode for mode in Mode}
+
+
 def parse_modes(modes: Sequence[Mode | int | str], n_units: int) -> list[Mode]:
-    """Turn ints (0/1/2), names ("TRAIN", "local", ...) or ``Mode`` values into ``Mode``s."""
+    """Turn ints (0/1/2), names ("TRAIN", "local", ...), letters ("T", "L", "F", as a
+    timeline prints them; so a timeline string such as ``"FFTTT"`` is a whole sequence) or
+    ``Mode`` values into ``Mode``s."""
     if len(modes) != n_units:
         raise ValueError(f"got {len(modes)} modes for {n_units} units; pass one mode per unit")
     parsed = []
     for i, mode in enumerate(modes):
         try:
-            parsed.append(Mode[mode.upper()] if isinstance(mode, str) else Mode(int(mode)))
-        except (KeyError, ValueError) as error:
+            parsed.append(_parse_one(mode))
+        except (KeyError, ValueError, TypeError) as error:
             raise ValueError(
                 f"unit {i}: {mode!r} is not a mode; use one of "
-                f"{', '.join(m.name for m in Mode)} (or 0, 1, 2)"
+                f"{', '.join(m.name for m in Mode)} (or 0, 1, 2, or T, L, F)"
             ) from error
     return parsed
+
+
+def _parse_one(mode: Mode | int | str) -> Mode:
+    if not isinstance(mode, str):
+        return Mode(int(mode))
+    name = mode.upper()
+    return _BY_LETTER[name] if len(name) == 1 else Mode[name]
 
 
 def effective_modes(requested: Sequence[Mode | int | str], units: Sequence[Unit]) -> list[Mode]:

@@ -139,10 +139,15 @@ def test_effective_modes_projection(residual_net):
     assert effective_modes([L, T, L, F_, T], units) == [L, F_, L, F_, T]
     assert effective_modes([F_] * 5, units) == [F_, F_, F_, F_, T]
     assert effective_modes(["train", 1, "FROZEN", 0, 2], units) == [F_, L, F_, T, T]
+    # a timeline's letters, one per unit, and a whole timeline string
+    assert effective_modes(["f", "L", "F", "T", "F"], units) == [F_, L, F_, T, T]
+    assert effective_modes("FFTTT", units) == [F_, F_, T, T, T]
     with pytest.raises(ValueError, match="one mode per unit"):
         effective_modes([T, T], units)
     with pytest.raises(ValueError, match="not a mode"):
         effective_modes([T, T, T, T, "melt"], units)
+    with pytest.raises(ValueError, match="not a mode"):
+        effective_modes("FFTTX", units)
 
 
 def test_local_on_an_unsupported_unit_is_a_clear_error():
