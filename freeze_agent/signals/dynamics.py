@@ -76,27 +76,43 @@ class DynamicsTracker:
     def end_interval(self) -> list[UnitDynamics]:
         """Close the interval: update each unit's signals and start a new interval.
 
-        Every norm comes from four fused ``_foreach_norm`` calls over all parameters (weights,
-        weight change, gradient sum in L2 and L1), summed per unit in float64 and read back in
-        one transfer, so the cost is a few passes over the weights whatever their count."""
+        Every norm comes from four fused ``_foreach_norm`` calls over the parameters of the
+        units that received a gradient (weights, weight change, gradient sum in L2 and L1),
+        summed per unit in float64 and read back in one transfer, so the cost is a few passes
+        over the training weights whatever their count; FROZEN and LOCAL units only have their
+        start weights moved on."""
+        measured = [u for u, steps in enumerate(self._steps_with_grad) if steps]
+        for u, d in enumerate(self.dynamics):
+            if not self._steps_with_grad[u]:
+                d.age += 1
+        if measured:
+            self._measure(measured)
         weights = [p.detach() for p in self._flat]
-        torch._foreach_sub_(self._start_weights, weights)  # start - now: the change, negated
+        torch._foreach_copy_(self._start_weights, weights)
+        return self.dynamics
+
+    def _measure(self, measured: list[int]) -> None:
+        """Update the signals of the ``measured`` units and clear their gradient sums."""
+        live = set(measured)
+        rows = [i for i, u in enumerate(self._unit_of) if u in live]
+        weights = [self._flat[i].detach() for i in rows]
+        change = [self._start_weights[i] for i in rows]
+        grad_sum = [self._grad_sum[i] for i in rows]
+        torch._foreach_sub_(change, weights)  # start - now: the change, negated
         squares = torch.stack(
             [
                 _tensor_norms(weights) ** 2,
-                _tensor_norms(self._start_weights) ** 2,
-                _tensor_norms(self._grad_sum) ** 2,
-                _tensor_norms(self._grad_sum, 1),
+                _tensor_norms(change) ** 2,
+                _tensor_norms(grad_sum) ** 2,
+                _tensor_norms(grad_sum, 1),
             ]
         )
+        index = self._unit_index if len(rows) == len(self._flat) else self._unit_index[rows]
         per_unit = torch.zeros(4, len(self.units), dtype=torch.float64, device=squares.device)
-        per_unit.index_add_(1, self._unit_index, squares)
+        per_unit.index_add_(1, index, squares)
         weight_sq, delta_sq, grad_sq, grad_l1s = per_unit.cpu().tolist()
-        for u, d in enumerate(self.dynamics):
-            steps = self._steps_with_grad[u]
-            if steps == 0:
-                d.age += 1
-                continue
+        for u in measured:
+            d, steps = self.dynamics[u], self._steps_with_grad[u]
             weight_norm = max(math.sqrt(weight_sq[u]), 1e-12)
             previous, grad_l1 = d.grad_l1, grad_l1s[u]
             d.grad_change = (
@@ -109,9 +125,7 @@ class DynamicsTracker:
             d.grad_to_weight = math.sqrt(grad_sq[u]) / steps / weight_norm
             d.age = 0
             self._steps_with_grad[u] = 0
-        torch._foreach_zero_(self._grad_sum)
-        torch._foreach_copy_(self._start_weights, weights)
-        return self.dynamics
+        torch._foreach_zero_(grad_sum)
 
     def state_dict(self) -> dict:
         """The signals so far and the open interval's sums, for a resumed run to continue

@@ -49,6 +49,36 @@ def test_dynamics_on_a_hand_computed_case():
     assert tracker.end_interval()[1].age == 3  # the head unit never got a gradient here
 
 
+def test_a_unit_without_gradient_keeps_its_signals_and_restarts_from_its_current_weights():
+    """A LOCAL unit's weights move without a gradient: when it trains again, its weight change
+    is the new interval's alone."""
+    model = nn.Sequential(nn.Linear(2, 1, bias=False), nn.Linear(1, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[3.0, 4.0]]))
+    tracker = DynamicsTracker(partition(model, torch.ones(2, 2)))
+    first, head = model[0].weight, model[1].weight
+    first.grad, head.grad = torch.tensor([[1.0, 0.0]]), torch.ones(1, 1)
+    tracker.after_step()
+    measured = tracker.end_interval()[0]
+    kept = (measured.grad_l1, measured.weight_change, measured.grad_to_weight)
+
+    first.grad = None  # the first unit gets no gradient; its weights move anyway
+    tracker.after_step()
+    with torch.no_grad():
+        first.add_(torch.tensor([[10.0, 0.0]]))
+    d = tracker.end_interval()[0]
+    assert (d.grad_l1, d.weight_change, d.grad_to_weight) == kept and d.age == 1
+
+    first.grad = torch.tensor([[0.0, 2.0]])
+    tracker.after_step()
+    with torch.no_grad():
+        first.add_(torch.tensor([[0.0, 3.0]]))  # now (13, 7)
+    d = tracker.end_interval()[0]
+    assert d.age == 0
+    assert d.weight_change == pytest.approx(3.0 / math.hypot(13.0, 7.0))
+    assert d.grad_l1 == pytest.approx(2.0)  # the skipped interval added nothing
+
+
 def make_mlp(depth: int) -> nn.Module:
     layers = [nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(depth - 1)]
     return nn.Sequential(*layers, nn.Linear(8, 3))
