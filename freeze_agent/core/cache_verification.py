@@ -5,15 +5,20 @@ Skipping the prefix runs the parent-level code between prefix modules on stand-i
 first time a boundary is used, ``verify_skip`` runs one batch both ways (RNG, parameters and
 buffers restored in between) and compares the outputs, within a tolerance per dtype.
 ``preserved_rng`` also keeps the prefix-only passes that fill a store from using up the training
-run's random numbers.
+run's random numbers (torch's, NumPy's and Python's: Wav2Vec2's SpecAugment masks come from
+NumPy), and says whether they drew any: a prefix that does holds randomness outside its frozen
+units (dropout in parent code, LayerDrop, masking), so its output differs every epoch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -56,17 +61,43 @@ def verify_skip(
     return output, problem or _mismatch(output, skipped)
 
 
+@dataclass
+class RandomDraws:
+    """Set when a ``preserved_rng`` block ends: whether it drew from any global generator."""
+
+    drew: bool = False
+
+
 @contextlib.contextmanager
-def preserved_rng(device: torch.device) -> Iterator[None]:
-    """Put the CPU RNG (and ``device``'s, when it is a GPU) back as it was on the way out."""
+def preserved_rng(device: torch.device) -> Iterator[RandomDraws]:
+    """Put the CPU RNG (and ``device``'s, when it is a GPU), NumPy's and Python's global
+    generators back as they were on the way out; the yielded ``RandomDraws`` then says whether
+    the block drew from any of them."""
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     cpu = torch.get_rng_state()
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    draws = RandomDraws()
     try:
-        yield
+        yield draws
     finally:
+        draws.drew = (
+            not torch.equal(torch.get_rng_state(), cpu)
+            or (cuda is not None and not torch.equal(torch.cuda.get_rng_state(device), cuda))
+            or not _same_numpy_state(np.random.get_state(), numpy_state)
+            or random.getstate() != python_state
+        )
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state(cuda, device)
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+
+
+def _same_numpy_state(a: tuple, b: tuple) -> bool:
+    return all(
+        np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 def _assign(tensors: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:

@@ -298,7 +298,7 @@ class PrefixCache:
         base = self._base
         if base is None or not base.verified or not base.store.contains(sub_index):
             base = None
-        with preserved_rng(device):
+        with preserved_rng(device) as draws:
             try:
                 with torch.no_grad():
                     if base is None:
@@ -310,6 +310,12 @@ class PrefixCache:
                         )
             except Exception as error:  # the model's own errors resurface in the plain forward
                 output = f"the prefix could not be run on its own: {type(error).__name__}: {error}"
+        if draws.drew:  # the frozen units draw nothing (eval): something between them does
+            output = (
+                f"the frozen prefix up to unit {target.depth - 1} draws random numbers in "
+                "training (dropout, LayerDrop or masking outside its units), so its output "
+                "differs every epoch"
+            )
         if not isinstance(output, str):
             output = self._store(target, sub_index, output)
             if isinstance(output, torch.Tensor):

@@ -18,11 +18,13 @@ needs. ``PrefixCache`` (``freeze_agent.core.prefix_cache``) runs every cached ba
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from freeze_agent.core.activation_layout import ActivationLayout
 from freeze_agent.core.units import ModelInput, Unit, batch_size_of, call_model, tensors_in
@@ -42,6 +44,9 @@ class PrefixRunner:
         self.model = model
         self.units = list(units)
         self._out_layout: dict[nn.Module, ActivationLayout | None] = {}
+        # outputs with no batch dimension (a position table, a relative-position bias): their
+        # zeros, whole, for the stand-ins
+        self._shared_out: dict[nn.Module, Any] = {}
         self._zeros: dict[tuple[nn.Module, int], Any] = {}
 
     def run_to_boundary(
@@ -69,8 +74,10 @@ class PrefixRunner:
             The exit module's output as it is (the caller checks it can be stored), or a
             string saying why there is none.
         """
+        batch = batch_size_of(inputs)
+        record = functools.partial(self._record_layout, batch)
         handles = [
-            m.register_forward_hook(self._record_layout, with_kwargs=True)
+            m.register_forward_hook(record, with_kwargs=True)
             for unit in self.units[start:depth]
             for m in unit.modules
             if m not in self._out_layout
@@ -99,13 +106,23 @@ class PrefixRunner:
         """Drop the stand-ins' zero buffers."""
         self._zeros.clear()
 
-    def _record_layout(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        """Remember the layout of a prefix module's output (None: it holds no batch tensor)."""
-        batch = next((t.shape[0] for t in tensors_in((args, kwargs, output)) if t.dim()), 0)
+    def _record_layout(
+        self, batch: int, module: nn.Module, args: tuple, kwargs: dict, output: Any
+    ) -> None:
+        """Remember the layout of a prefix module's output for a model batch of ``batch``
+        samples (None: it holds no batch tensor; then zeros of the whole output, when it holds
+        a tensor, for the stand-in). The batch is the model's, not the first dimension of the
+        module's first input: MPNet's relative-position bias reads a (T, T) bucket table and
+        Whisper's position table a (T,) range, and a stand-in shaped (batch, ...) broke the
+        parent code that reads them."""
+        if module in self._out_layout:
+            return
         layout = ActivationLayout.of(output, batch)
-        self._out_layout.setdefault(
-            module, layout if isinstance(layout, ActivationLayout) else None
-        )
+        self._out_layout[module] = layout if isinstance(layout, ActivationLayout) else None
+        if not isinstance(layout, ActivationLayout) and any(True for _ in tensors_in(output)):
+            self._shared_out[module] = pytree.tree_map_only(
+                torch.Tensor, lambda t: torch.zeros_like(t.detach()), output
+            )
 
     @contextlib.contextmanager
     def _skipping(
@@ -140,6 +157,7 @@ class PrefixRunner:
         structure (one buffer per module and batch size, reused: allocating it every step costs
         more than the rest of a small skip)."""
         layout = self._out_layout.get(module)
+        shared = self._shared_out.get(module)
         like = None  # (dtype, shape) of a single-tensor output, which the input may stand in for
         if layout is not None and layout.single_tensor:
             leaf = layout.leaf(0)
@@ -148,7 +166,7 @@ class PrefixRunner:
         def forward(*args: Any, **kwargs: Any) -> Any:
             first = args[0] if args else next(iter(kwargs.values()), None)
             if layout is None:
-                return first
+                return first if shared is None else shared
             is_tensor = isinstance(first, torch.Tensor)
             if like is not None and is_tensor and (first.dtype, first.shape) == like:
                 return first

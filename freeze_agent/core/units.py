@@ -45,10 +45,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.module_tracker import ModuleTracker
 
-from freeze_agent.core.random_state import forked_torch_rngs
+from freeze_agent.core.random_state import forked_torch_rngs, preserved_global_rngs
 
 ModelInput = torch.Tensor | tuple[Any, ...] | Mapping[str, Any]
 
@@ -204,13 +205,13 @@ def _scalar_objective(output: Any) -> torch.Tensor:
 @contextlib.contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
     """Run probes on ``model`` and leave no trace: buffers (e.g. BatchNorm statistics), gradients,
-    ``requires_grad`` flags, train/eval flags and torch's generators (the CPU's and those of the
-    model's CUDA devices) are all restored."""
+    ``requires_grad`` flags, train/eval flags and the random generators (torch's CPU one and
+    those of the model's CUDA devices, NumPy's and Python's) are all restored."""
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     grads = {p: p.grad for p in model.parameters()}
     requires_grad = {p: p.requires_grad for p in model.parameters()}
     training = {m: m.training for m in model.modules()}
-    with forked_torch_rngs(model):
+    with forked_torch_rngs(model), preserved_global_rngs():
         try:
             yield
         finally:
@@ -272,27 +273,31 @@ def _splits_into_items(module: nn.Module) -> bool:
     return _is_list(module) and len(children) >= 2 and any(_is_composite(c) for c in children)
 
 
-def _is_block_list(module: nn.Module) -> bool:
-    """A list of blocks: at least two items, at least half of them holding two or more weight
-    layers (residual blocks, transformer layers). A list of single conv/linear layers with their
-    norms and activations is the body of one block, not a list of blocks."""
-    children = [c for _, c in _param_children(module)]
-    blocks = sum(1 for c in children if _weight_layers(c) >= 2)
-    return _is_list(module) and len(children) >= 2 and 2 * blocks >= len(children)
+def _is_block_list(module: nn.Module, ran: Mapping[int, int]) -> bool:
+    """A list of blocks: at least two items run, at least half of them holding two or more
+    weight layers (residual blocks, transformer layers). An item counts once per run: ALBERT's
+    one layer group, shared by all its layers, is a list of as many blocks as it has layers. A
+    list of single conv/linear layers with their norms and activations is the body of one block,
+    not a list of blocks."""
+    runs = [(c, max(ran.get(id(c), 0), 1)) for _, c in _param_children(module)]
+    blocks = sum(n for c, n in runs if _weight_layers(c) >= 2)
+    total = sum(n for _, n in runs)
+    return _is_list(module) and total >= 2 and 2 * blocks >= total
 
 
-def _holds_block_list(module: nn.Module) -> bool:
-    return any(_is_block_list(m) for m in module.modules())
+def _holds_block_list(module: nn.Module, ran: Mapping[int, int]) -> bool:
+    return any(_is_block_list(m, ran) for m in module.modules())
 
 
 def _expand(
-    module: nn.Module, path: str, is_root: bool, ran: set[int]
+    module: nn.Module, path: str, is_root: bool, ran: Mapping[int, int]
 ) -> list[tuple[str, nn.Module]]:
     """The blocks below ``module`` as (qualified path, module), in registration order.
 
-    ``ran`` holds the ids of the modules whose forward ran on the example input: a module whose
-    own forward never runs while some of its sub-modules' do (a ``Sequential`` or
-    ``ModuleDict`` that its parent iterates) is only a container, so it is split.
+    ``ran`` holds, for each module whose forward ran on the example input (by ``id``), how many
+    times it ran: a module whose own forward never runs while some of its sub-modules' do (a
+    ``Sequential`` or ``ModuleDict`` that its parent iterates) is only a container, so it is
+    split.
     """
     children = _param_children(module)
     if not children:
@@ -301,7 +306,7 @@ def _expand(
         is_root
         or isinstance(module, nn.ModuleList)
         or _splits_into_items(module)
-        or (not isinstance(module, nn.Sequential) and _holds_block_list(module))
+        or (not isinstance(module, nn.Sequential) and _holds_block_list(module, ran))
         or (id(module) not in ran and any(id(m) in ran for m in module.modules()))
     )
     if not split:
@@ -333,9 +338,15 @@ class _Trace:
 
     first_call: dict[int, int]
     """When the module's forward first ran (a counter over all modules' calls)."""
+    calls: dict[int, int]
+    """How many times the module's forward ran (a shared layer runs once per use)."""
     per_sample: set[int]
     """Modules that returned a per-sample tensor: one with a dimension of the batch's size.
     A position-embedding table (GPT-2's ``wpe`` returns (1, T, D)) is shared by all samples."""
+    consumers: dict[int, list[int]]
+    """For each parameter (by ``id``) that a module received as an input, those modules in call
+    order: DeBERTa's encoder hands ``rel_embeddings.weight`` to its layers (or a LayerNorm)
+    without ever calling the ``rel_embeddings`` module itself."""
 
 
 def _trace(model: nn.Module, inputs: ModelInput) -> _Trace:
@@ -343,10 +354,17 @@ def _trace(model: nn.Module, inputs: ModelInput) -> _Trace:
     error if the example input does not run."""
     batch = batch_size_of(inputs)
     first_call: dict[int, int] = {}
+    calls: dict[int, int] = {}
     per_sample: set[int] = set()
+    params = {id(p) for p in model.parameters()}
+    consumers: dict[int, list[int]] = {}
 
-    def before(module, _args):
+    def before(module, args, kwargs):
         first_call.setdefault(id(module), len(first_call))
+        calls[id(module)] = calls.get(id(module), 0) + 1
+        for t in tensors_in((args, kwargs)):
+            if id(t) in params:
+                consumers.setdefault(id(t), []).append(id(module))
 
     def after(module, _args, output):
         if any(batch in t.shape for t in tensors_in(output)):
@@ -354,7 +372,10 @@ def _trace(model: nn.Module, inputs: ModelInput) -> _Trace:
 
     handles = []
     for m in model.modules():
-        handles += [m.register_forward_pre_hook(before), m.register_forward_hook(after)]
+        handles += [
+            m.register_forward_pre_hook(before, with_kwargs=True),
+            m.register_forward_hook(after),
+        ]
     try:
         with torch.no_grad():
             call_model(model, inputs)
@@ -367,7 +388,7 @@ def _trace(model: nn.Module, inputs: ModelInput) -> _Trace:
     finally:
         for handle in handles:
             handle.remove()
-    return _Trace(first_call, per_sample)
+    return _Trace(first_call, calls, per_sample, consumers)
 
 
 def _execution_order(blocks: Sequence[tuple[str, nn.Module]], trace: _Trace) -> list[int]:
@@ -568,12 +589,22 @@ def _output_bytes(model: nn.Module, inputs: ModelInput, exits: Sequence[nn.Modul
 # --------------------------------------------------------------------------- cut points
 
 
-def _is_cut_after(model: nn.Module, exit_module: nn.Module, inputs: ModelInput) -> bool:
-    """Does the output of ``exit_module`` alone determine the model's output?
+def _is_cut_after(
+    model: nn.Module, exit_module: nn.Module, inputs: ModelInput, prefix: Sequence[nn.Module]
+) -> bool:
+    """Does the output of ``exit_module`` carry everything the rest of the model reads from the
+    prefix (``prefix``: the top modules of the units up to and including the boundary's)?
 
-    Checked by perturbation: run a different input (the batch rolled by one sample, or noise) but
-    substitute the exit module's output from the original input. If the model's output is that of
-    the original input, nothing after the boundary reads anything from before it but its output.
+    Checked on the autograd graph: run the input again with the exit module's output put back
+    as a constant and every other prefix module's floating-point outputs made leaves that
+    require gradients. If none of them reaches the model's output, nothing after the boundary
+    reads anything the prefix computed but the exit's output, however little it would weigh
+    (a freshly initialized head shrinks every difference a perturbation could show). The
+    model's inputs are left alone: the activation cache runs the rest of the model on the
+    batch's real inputs, so a suffix that reads them (labels for the model's own loss, an
+    attention mask, the input ids a pooler indexes with) does not make the boundary unusable;
+    one that reads another prefix module's output does, even when that output does not depend
+    on the input (a relative-position bias computed once for all layers).
     """
     captured: list[Any] = []
     calls = 0
@@ -585,35 +616,42 @@ def _is_cut_after(model: nn.Module, exit_module: nn.Module, inputs: ModelInput) 
 
     handle = exit_module.register_forward_hook(capture)
     try:
-        reference = call_model(model, inputs)
+        call_model(model, inputs)
     finally:
         handle.remove()
     if calls != 1:
         return False  # a module run twice per forward is no boundary of a chain
-    handle = exit_module.register_forward_hook(lambda _m, _a, _o: captured[0])
+    leaves: list[torch.Tensor] = []
+
+    def as_leaf(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return t
+        leaf = t.detach().requires_grad_()
+        leaves.append(leaf)
+        return leaf.clone()  # not a leaf itself, so later in-place ops stay legal
+
+    others = [m for m in {id(m): m for m in prefix}.values() if m is not exit_module]
+    handles = [
+        m.register_forward_hook(
+            lambda _m, _a, out: pytree.tree_map_only(torch.Tensor, as_leaf, out)
+        )
+        for m in others
+    ]
+    handles.append(exit_module.register_forward_hook(lambda _m, _a, _o: captured[0]))
     try:
-        replayed = call_model(model, _perturbed(inputs))
+        with torch.enable_grad():
+            output = [t for t in tensors_in(call_model(model, inputs)) if t.requires_grad]
+            if not leaves or not output:
+                return True
+            grads = torch.autograd.grad(
+                output, leaves, [torch.ones_like(t) for t in output], allow_unused=True
+            )
+    except Exception:  # a model that cannot run so: no boundary to rely on
+        return False
     finally:
-        handle.remove()
-    ref, rep = list(tensors_in(reference)), list(tensors_in(replayed))
-    return len(ref) == len(rep) and all(
-        a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6)
-        for a, b in zip(ref, rep, strict=True)
-    )
-
-
-def _perturbed(inputs: ModelInput) -> ModelInput:
-    if isinstance(inputs, Mapping):
-        return {k: _perturbed(v) for k, v in inputs.items()}
-    if isinstance(inputs, tuple):
-        return tuple(_perturbed(v) for v in inputs)
-    if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
-        return inputs
-    if inputs.shape[0] >= 2:
-        return inputs.roll(1, dims=0)
-    if inputs.is_floating_point():
-        return inputs + torch.randn_like(inputs)
-    return inputs.roll(1, dims=-1)
+        for handle in handles:
+            handle.remove()
+    return all(g is None for g in grads)
 
 
 # --------------------------------------------------------------------------- grouping
@@ -700,15 +738,23 @@ def partition(model: nn.Module, example_input: ModelInput, max_units: int = 32) 
     with preserved_state(model):
         model.train()
         trace = _trace(model, example_input)
-        blocks = _expand(model, "", is_root=True, ran=set(trace.first_call))
+        blocks = _expand(model, "", is_root=True, ran=trace.calls)
         order = _execution_order(blocks, trace)
+        if len(order) == 2 and _is_composite(blocks[order[0]][1]):
+            # the whole body in one block before the head (MobileNetV1's ``mobilenet_v1``: its
+            # ``layer`` list holds single conv layers, no list of blocks): look inside it
+            path, body = blocks[order[0]]
+            inner = _expand(body, path, is_root=True, ran=trace.calls)
+            if len(_execution_order(inner, trace)) >= 2:
+                blocks[order[0] : order[0] + 1] = inner
+                order = _execution_order(blocks, trace)
         if len(order) < 2:
             blocks = _leaf_blocks(model)
             order = _execution_order(blocks, trace)
         if not order:
             raise ValueError("no parameter-bearing module of the model ran on the example input")
         groups = _group_blocks(model, blocks, order, trace)
-        units = _measure_units(model, example_input, blocks, groups, max_units)
+        units = _measure_units(model, example_input, blocks, groups, max_units, trace)
     return units
 
 
@@ -776,6 +822,7 @@ def _measure_units(
     blocks: list[tuple[str, nn.Module]],
     groups: list[list[int]],
     max_units: int,
+    trace: _Trace,
 ) -> list[Unit]:
     batch = batch_size_of(inputs)
     all_params = list(model.parameters())
@@ -812,11 +859,30 @@ def _measure_units(
 
     last = len(unit_blocks) - 1
     unit_modules = [[blocks[i][1] for i in ids] for ids in unit_blocks]
-    unit_modules[last] += [blocks[i][1] for i in unused]
     used = [
         _distinct(chain((p for m in modules for p in m.parameters()), extra[u]))
         for u, modules in enumerate(unit_modules)
     ]
+    # A block that never ran holds parameters that are either aliases of ones a block that ran
+    # holds (T5's and BART's ``shared`` table, whose weight ``encoder.embed_tokens`` uses) or
+    # read directly by the units that take them as an input (DeBERTa's ``rel_embeddings``).
+    # Those units use it, and it joins the last of them, its owner (else the head); the
+    # aliases are no use of it.
+    unit_of = {
+        id(m): u for u, modules in enumerate(unit_modules) for top in modules for m in top.modules()
+    }
+    ran = {id(p) for params in used for p in params}
+    hosted: list[list[int]] = [[] for _ in unit_blocks]
+    for i in unused:
+        own = [p for p in blocks[i][1].parameters() if id(p) not in ran]
+        readers = sorted(
+            {unit_of[c] for p in own for c in trace.consumers.get(id(p), ()) if c in unit_of}
+        )
+        hosted[readers[-1] if readers else last].append(i)
+        for u in readers or [last]:
+            used[u] = _distinct(chain(used[u], own))
+    for u, ids in enumerate(hosted):
+        unit_modules[u] += [blocks[i][1] for i in ids]
     # A parameter several units use (tied weights) belongs to the last of them: that unit keeps
     # training longest (the head always trains), so freezing an earlier one never freezes it.
     owner_of = {id(p): u for u, params in enumerate(used) for p in params}
@@ -848,12 +914,13 @@ def _measure_units(
     for u, ids in enumerate(unit_blocks):
         modules = tuple(unit_modules[u])
         names = tuple(blocks[i][0] or type(model).__name__ for i in ids)
-        if u == last:
-            names += tuple(blocks[i][0] for i in unused)
+        names += tuple(blocks[i][0] for i in hosted[u])
         exit_module = blocks[ids[-1]][1]
         with torch.no_grad():
-            cut = u < last and _is_cut_after(model, exit_module, inputs)
-        borrowed = tuple(p for p in used[u] if owner_of[id(p)] != u)
+            prefix = [blocks[i][1] for block_ids in unit_blocks[: u + 1] for i in block_ids]
+            cut = u < last and _is_cut_after(model, exit_module, inputs, prefix)
+        held = _distinct(chain((p for m in modules for p in m.parameters()), extra[u], used[u]))
+        borrowed = tuple(p for p in held if owner_of[id(p)] != u)
         units.append(
             Unit(
                 index=u,
@@ -879,7 +946,7 @@ def _measure_units(
                 ops_backward_weight=b_weight[u].ops,
                 output_bytes=output_bytes[u],
                 num_param_tensors=len(owned[u]),
-                tied_to=tuple(sorted({owner_of[id(p)] for p in borrowed})),
+                tied_to=tuple(sorted({owner_of[id(p)] for p in borrowed if owner_of[id(p)] > u})),
                 borrowed_parameters=borrowed,
             )
         )

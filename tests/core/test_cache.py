@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -72,8 +73,9 @@ class TokenNet(nn.Module):
 
 
 class MeanLeak(nn.Module):
-    """The head reads a batch mean of the first layer's output: the cut-point probe (a rolled
-    batch) cannot see it, but skipping the first layer changes the result."""
+    """The head reads the share of nonzero entries of the first layer's output, which no
+    perturbation of that output changes: the cut-point probe cannot see it, but skipping the
+    first two layers (the first one's stand-in returns zeros) changes the result."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -81,22 +83,59 @@ class MeanLeak(nn.Module):
         self.head = nn.Linear(8, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h1 = torch.relu(self.a(x.flatten(1)))
-        h3 = self.c(torch.relu(self.b(h1)))
-        return self.head(h3 + h1.mean())
+        z = self.a(x.flatten(1))
+        h3 = self.c(torch.relu(self.b(torch.relu(z))))
+        return self.head(h3 + (z != 0).float().mean())
 
 
 class TwoPaths(nn.Module):
-    """Both paths read the input, so the first unit's output is no cut point."""
+    """The first layer runs on two paths, so its output is no cut point."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.b = nn.Linear(LENGTH, 8), nn.Linear(LENGTH, 8)
-        self.head = nn.Linear(8, 10)
+        self.a = nn.Linear(LENGTH, LENGTH)
+        self.head = nn.Linear(LENGTH, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
-        return self.head(self.a(x) + self.b(x))
+        return self.head(self.a(x) + self.a(x.flip(-1)))
+
+
+class ParentNoise(nn.Module):
+    """Randomness in parent code, outside every unit: a dropout after the first layer and a
+    NumPy mask (as Wav2Vec2's SpecAugment) after the second. Frozen layers draw nothing, but a
+    prefix holding that code is random."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(LENGTH, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.b(self.drop(torch.relu(self.a(x.flatten(1))))))
+        if self.training:
+            h = h * torch.from_numpy(np.random.rand(*h.shape) > 0.2).to(h.dtype)
+        return self.head(self.c(h))
+
+
+class TableNet(nn.Module):
+    """Parent code adds a position table (no batch dimension, as in Whisper's encoder) inside
+    the prefix: the stand-in for the table must keep the table's own shape."""
+
+    def __init__(self, width: int = 8, patch: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Conv1d(1, width, patch, stride=patch)
+        self.pos = nn.Embedding(LENGTH // patch, width)
+        self.blocks = nn.ModuleList(MLPBlock(width) for _ in range(2))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x).transpose(1, 2)
+        h = h + self.pos(torch.arange(h.shape[1]))
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h.mean(1))
 
 
 class PairBlock(nn.Module):
@@ -254,6 +293,25 @@ def test_a_boundary_that_changes_the_output_is_retired():
     assert set(failed) == {2, 3}  # the head reads a's output: only depth 1 is exact
     assert all(reason.startswith("prefix could not be skipped") for reason in failed.values())
     assert run.epoch_stats[-1].depth == 1
+
+
+def test_a_prefix_that_draws_random_numbers_is_not_cached():
+    np.random.seed(0)
+    cached = train(ParentNoise, 3, cached=True)
+    np.random.seed(0)
+    plain = train(ParentNoise, 3, cached=False)
+    torch.testing.assert_close(cached.losses, plain.losses)
+    assert cached.cache is not None and set(cached.cache.failed) == {2, 3}
+    assert all("draws random numbers" in why for why in cached.cache.failed.values())
+    assert (cached.epoch_stats[-1].state, cached.epoch_stats[-1].depth) == ("serving", 1)
+
+
+def test_a_prefix_reading_a_table_without_batch_dimension_is_served():
+    cached = train(TableNet, 3, cached=True)
+    plain = train(TableNet, 3, cached=False)
+    torch.testing.assert_close(cached.losses, plain.losses)
+    assert cached.cache is not None and cached.cache.failed == {}
+    assert (cached.epoch_stats[-1].state, cached.epoch_stats[-1].depth) == ("serving", 3)
 
 
 def test_first_epoch_fills_later_epochs_hit():

@@ -350,6 +350,40 @@ def hf_whisper_encoder(t):
     return model, {"input_features": torch.randn(BATCH, 8, 32)}, names, model.classifier, ()
 
 
+def hf_albert(t):
+    """One layer group, shared by all layers, runs once per layer: a list of as many blocks as
+    layers, so it is one unit of its own, and no cut point (it runs more than once)."""
+    config = t.AlbertConfig(
+        vocab_size=64,
+        embedding_size=8,
+        hidden_size=16,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
+    model = t.AlbertForSequenceClassification(config)
+    names = [
+        "albert.embeddings",
+        "albert.encoder.embedding_hidden_mapping_in",
+        "albert.encoder.albert_layer_groups.0.albert_layers.0",
+        "albert.pooler",
+        "classifier",
+    ]
+    return model, tokens(), names, model.classifier, (2,)
+
+
+def hf_mobilenet_v1(t):
+    """The body is a list of single conv layers (no list of blocks) alone before the head, so
+    the partition looks inside it."""
+    config = t.MobileNetV1Config(
+        num_channels=3, image_size=32, depth_multiplier=0.25, num_labels=10
+    )
+    model = t.MobileNetV1ForImageClassification(config)
+    names = ["mobilenet_v1.conv_stem", *numbered("mobilenet_v1.layer", 26), "classifier"]
+    return model, images(), names, model.classifier, ()
+
+
 HF_ARCHITECTURES: dict[str, Callable[[Any], tuple]] = {
     "resnet": hf_resnet,
     "resnet-deep-stages": hf_resnet_deep_stages,
@@ -363,6 +397,8 @@ HF_ARCHITECTURES: dict[str, Callable[[Any], tuple]] = {
     "gpt2": hf_gpt2,
     "llama": hf_llama,
     "whisper-encoder": hf_whisper_encoder,
+    "albert": hf_albert,
+    "mobilenet-v1": hf_mobilenet_v1,
 }
 
 
@@ -439,6 +475,55 @@ def test_a_first_unit_owning_nothing_still_splits_the_backward():
     assert embedding.num_params == 0 and embedding.tied_to == (head.index,)
     assert head.flops_backward_input == head.flops_forward == head.flops_backward_weight
     assert units[1].flops_backward_input > 0
+
+
+def test_a_table_that_never_runs_is_no_tie():
+    """T5EncoderModel keeps ``shared``, a table that never runs and whose weight
+    ``encoder.embed_tokens`` uses: the embedding owns that weight, nothing is tied."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(
+        vocab_size=64,
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+    )
+    model = transformers.T5EncoderModel(config)
+    units = partition(model, tokens())
+    assert units[0].name == "encoder.embed_tokens" and units[0].tied_to == ()
+    assert any(p is model.shared.weight for p in units[0].parameters())
+    assert all(not u.tied_to for u in units)
+    assert_owned_once(model, units)
+
+
+def test_a_parameter_read_without_running_its_module_belongs_to_its_reader():
+    """DeBERTa's encoder hands ``rel_embeddings.weight`` to a LayerNorm (v2) or to every layer
+    (v1) without calling ``rel_embeddings``: the table goes with its (last) reader, not the
+    head, so freezing the layers freezes it."""
+    transformers = pytest.importorskip("transformers")
+    common = dict(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        relative_attention=True,
+        pos_att_type=["p2c", "c2p"],
+    )
+    v2 = transformers.DebertaV2ForSequenceClassification(
+        transformers.DebertaV2Config(norm_rel_ebd="layer_norm", position_buckets=8, **common)
+    )
+    v1 = transformers.DebertaForSequenceClassification(transformers.DebertaConfig(**common))
+    for model, reader in ((v2, 1), (v1, LAYERS)):
+        units = partition(model, tokens())
+        table = model.deberta.encoder.rel_embeddings.weight
+        owner = [u.index for u in units if any(p is table for p in u.parameters())]
+        assert owner == [reader]
+        assert all(reader in u.tied_to for u in units[1:reader])  # v1: every layer reads it
+        assert_owned_once(model, units)
 
 
 # --------------------------------------------------------------------------- torchvision shapes

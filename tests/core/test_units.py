@@ -94,18 +94,39 @@ def test_residual_blocks_are_cut_points_and_head_is_not(residual_net):
     assert not units[-1].is_cut_point
 
 
-def test_skip_connection_across_a_boundary_is_not_a_cut_point():
+def test_a_raw_input_read_past_a_boundary_keeps_it_a_cut_point():
+    """The cache runs the rest of the model on the batch's real inputs, so reading an input past
+    the boundary (labels for the model's own loss, an attention mask) is no obstacle."""
+
     class Skip(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.a, self.b, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
 
-        def forward(self, x):
+        def forward(self, x, labels=None):
             h = self.a(x)
-            return self.head(self.b(h + x))  # the raw input skips past unit 0's boundary
+            out = self.head(self.b(h + x))  # the raw input skips past unit 0's boundary
+            return out if labels is None else nn.functional.cross_entropy(out, labels)
 
     units = partition(Skip(), torch.randn(4, 8))
-    assert [u.is_cut_point for u in units] == [False, True, False]
+    assert [u.is_cut_point for u in units] == [True, True, False]
+    units = partition(Skip(), {"x": torch.randn(4, 8), "labels": torch.tensor([0, 1, 1, 0])})
+    assert [u.is_cut_point for u in units] == [True, True, False]
+
+
+def test_a_prefix_output_read_past_a_boundary_is_not_a_cut_point():
+    class Side(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.head(self.c(self.b(h)) + h)  # unit 0's output skips units 1 and 2
+
+    units = partition(Side(), torch.randn(4, 8))
+    assert [u.is_cut_point for u in units] == [True, False, False, False]
 
 
 @pytest.mark.parametrize(
