@@ -93,6 +93,10 @@ class FreezeController:
         self.total_steps = total_steps
         self.reset_optimizer_state_on_unfreeze = reset_optimizer_state_on_unfreeze
         self.units: list[Unit] = partition(model, example_input, max_units)
+        # what TRAIN means for each parameter: the model's own requires_grad, so a parameter it
+        # keeps fixed (Whisper's sinusoidal position table, a feature encoder frozen with
+        # ``freeze_feature_encoder()``) stays fixed when its unit returns to TRAIN
+        self._trainable: dict[torch.Tensor, bool] = {p: p.requires_grad for p in model.parameters()}
         self._modes: list[Mode] = [Mode.TRAIN] * len(self.units)
         self._mode_since: list[int] = [0] * len(self.units)
         self._eval_hooks: dict[int, list[RemovableHandle]] = {}
@@ -418,7 +422,7 @@ class FreezeController:
     def _enter(self, unit: Unit, mode: Mode) -> None:
         if mode is Mode.TRAIN:
             for p in unit.parameters():
-                p.requires_grad_(True)
+                p.requires_grad_(self._trainable.get(p, True))
             return
         for p in unit.parameters():
             p.requires_grad_(False)

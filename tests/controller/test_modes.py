@@ -77,6 +77,25 @@ def test_optimizer_state_kept_on_unfreeze_unless_reset(chain, signal_batch):
         assert (weight in optimizer.state) is not reset
 
 
+def test_unfreezing_keeps_the_parameters_the_model_keeps_fixed(chain, signal_batch):
+    """TRAIN restores each parameter's own requires_grad: a weight the model (or its user) keeps
+    fixed does not start training when its unit is unfrozen, nor after close()."""
+    optimizer = torch.optim.AdamW(chain.parameters(), lr=0.01)
+    fixed = chain[0][0].weight
+    fixed.requires_grad_(False)
+    controller = FreezeController(chain, optimizer, signal_batch[0], signals=False)
+    controller.set_modes([Mode.FROZEN, Mode.TRAIN, Mode.TRAIN, Mode.TRAIN])
+    controller.set_modes([Mode.TRAIN] * 4)
+    assert not fixed.requires_grad
+    assert all(p.requires_grad for p in chain[0].parameters() if p is not fixed)
+    before = fixed.detach().clone()
+    train_steps(chain, optimizer, controller, signal_batch)
+    assert torch.equal(before, fixed)
+    controller.set_modes([Mode.FROZEN, Mode.TRAIN, Mode.TRAIN, Mode.TRAIN])
+    controller.close()
+    assert not fixed.requires_grad
+
+
 def test_local_unit_learns_without_gradients_and_upstream_is_untouched(chain, signal_batch):
     optimizer = torch.optim.SGD(chain.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     controller = FreezeController(chain, optimizer, signal_batch[0], local_lr=0.05)
