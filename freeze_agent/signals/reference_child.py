@@ -28,7 +28,7 @@ from torch import nn
 
 from freeze_agent.signals.quantization import dequantize_state_dict
 from freeze_agent.signals.unit_outputs import map_tensors, unit_outputs
-from freeze_agent.signals.wire import from_wire
+from freeze_agent.signals.wire import from_wire, restore_parametrizations
 
 __all__ = ["worker_main"]
 
@@ -69,6 +69,7 @@ def worker_main(commands, results) -> None:
                 _extend_sys_path(sys_path)
                 torch.set_num_threads(threads)
                 model = torch.load(io.BytesIO(model_bytes), map_location="cpu", weights_only=False)
+                restore_parametrizations(model)
                 model.float().eval()
                 probe = map_tensors(
                     from_wire(wire_probe), lambda t: t.float() if t.is_floating_point() else t

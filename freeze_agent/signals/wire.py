@@ -20,10 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from freeze_agent.signals.unit_outputs import map_tensors
 
-__all__ = ["architecture_bytes", "from_wire", "to_wire"]
+__all__ = ["architecture_bytes", "from_wire", "restore_parametrizations", "to_wire"]
+
+_PARAMETRIZATIONS = "_freeze_agent_parametrizations"
 
 _HOOK_ATTRIBUTES = (
     "_forward_hooks",
@@ -107,11 +110,66 @@ def _is_torch_hook(hook: Any) -> bool:
     return isinstance(owner, str) and owner.split(".")[0] == "torch"
 
 
+@contextlib.contextmanager
+def _parametrizations_unrolled(model: nn.Module) -> Iterator[None]:
+    """Torch refuses to pickle a module with parametrizations (``torch.nn.utils.parametrizations
+    .weight_norm``: Wav2Vec2's and HuBERT's positional conv). While the model is pickled, each
+    such module is swapped for a plain one of its own class holding the parametrized tensors'
+    current values and the parametrizations themselves; ``restore_parametrizations`` puts them
+    back in the child, so the state dict keys (``parametrizations.weight.original0``...) match
+    the snapshots'. The training model's module is never modified (parametrize gives each
+    parametrized module a class of its own, which a deep copy would share)."""
+    swaps = []
+    for name, module in list(model.named_modules()):
+        if not name or not parametrize.is_parametrized(module):
+            continue
+        parent, _, attr = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        own_class = type(module).__bases__[0]  # parametrize derived its class from this one
+        plain = own_class.__new__(own_class)
+        plain.__dict__.update(module.__dict__)
+        plain._parameters = dict(module._parameters)
+        plain._modules = {k: m for k, m in module._modules.items() if k != "parametrizations"}
+        for hooks in _HOOK_ATTRIBUTES:  # weight_norm's state-dict compat hook is a closure
+            kept = [(k, h) for k, h in module.__dict__.get(hooks, {}).items() if _picklable(h)]
+            plain.__dict__[hooks] = OrderedDict(kept)
+        entries = []
+        for tensor, plist in module.parametrizations.items():
+            with torch.no_grad():
+                plain._parameters[tensor] = nn.Parameter(getattr(module, tensor).detach())
+            entries.append((tensor, list(plist)))
+        plain.__dict__[_PARAMETRIZATIONS] = entries
+        swaps.append((owner, attr, module))
+        setattr(owner, attr, plain)
+    try:
+        yield
+    finally:
+        for owner, attr, module in reversed(swaps):
+            setattr(owner, attr, module)
+
+
+def _picklable(hook: Any) -> bool:
+    return "<locals>" not in getattr(hook, "__qualname__", "")
+
+
+def restore_parametrizations(model: nn.Module) -> nn.Module:
+    """The inverse of the swap in ``architecture_bytes``, on the unpickled model."""
+    for module in model.modules():
+        for tensor, parametrizations in module.__dict__.pop(_PARAMETRIZATIONS, []):
+            for p in parametrizations:
+                parametrize.register_parametrization(module, tensor, p)
+    return model
+
+
 def architecture_bytes(model: nn.Module) -> bytes:
     """The model pickled with ``torch.save``: tensors are copied to the CPU one at a time (no
     second copy of the model on the accelerator), the child loads with ``map_location='cpu'``."""
     buffer = io.BytesIO()
-    with _foreign_hooks_removed(model), warnings.catch_warnings():
+    with (
+        _foreign_hooks_removed(model),
+        _parametrizations_unrolled(model),
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("ignore")  # "backward hooks will not be serialized"
         torch.save(model, buffer)
     return buffer.getvalue()

@@ -405,6 +405,42 @@ def test_a_model_holding_the_handle_of_a_local_hook_still_gets_a_worker():
     assert len(seen) == 1
 
 
+class WeightNormed(nn.Module):
+    """A weight-normed conv (torch.nn.utils.parametrizations), as Wav2Vec2's positional conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(1, 4, 3, padding=1), dim=2)
+        self.fc = nn.Linear(4 * 8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_a_model_with_parametrizations_gets_a_worker():
+    """Torch pickles no parametrized module; the worker sends a plain stand-in and the child
+    puts the parametrization back, so the snapshots' state dict keys match."""
+    model = WeightNormed()
+    probe = torch.randn(6, 1, 8, generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReferenceWorkerWarning)
+        worker = ReferenceWorker(model, ["conv", "fc"], probe)
+    try:
+        assert worker.submit(model, step=0)
+        result = worker.wait(60.0)
+        assert result is not None, worker.status
+        reference = WeightNormed()
+        reference.load_state_dict(dequantize_state_dict(quantize_state_dict(model)))
+        want = unit_outputs(reference, ["conv", "fc"], probe)
+        for got, expected in zip(result.outputs, want, strict=True):
+            assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+    finally:
+        worker.close()
+    assert nn.utils.parametrize.is_parametrized(model.conv, "weight")  # untouched
+    model(probe).sum().backward()
+    assert model.conv.parametrizations.weight.original1.grad is not None
+
+
 # --------------------------------------------------------------------------- the pool
 
 
