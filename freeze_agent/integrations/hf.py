@@ -73,7 +73,7 @@ from torch.utils.hooks import RemovableHandle
 from freeze_agent.controller import FreezeController
 from freeze_agent.controller.cached_loader import ForwardRouter, RecordingBatchSampler
 from freeze_agent.controller.safety_net import SafetyNet
-from freeze_agent.core.units import tensors_in
+from freeze_agent.core.units import preserved_state, tensors_in
 from freeze_agent.integrations.common import build_controller, controller_metrics, example_batch
 from freeze_agent.integrations.ddp import (
     check_ddp_wrapper,
@@ -530,9 +530,23 @@ def _example_input(loader: Any, model: nn.Module, label_names: Sequence[str]) ->
             "the Trainer's collator made a "
             f"{type(batch).__name__}, not a dict of the model's keyword arguments"
         )
-    inputs = {k: v for k, v in batch.items() if k not in label_names}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    return dict(send_to_device(inputs, device))
+    inputs = dict(send_to_device({k: v for k, v in batch.items() if k not in label_names}, device))
+    if len(inputs) < len(batch) and not _runs(model, inputs):
+        # a sequence-to-sequence model (T5, BART, Whisper) builds its decoder inputs from the
+        # labels: without them the example does not run, so it keeps them
+        return dict(send_to_device(dict(batch), device))
+    return inputs
+
+
+def _runs(model: nn.Module, inputs: Mapping[str, Any]) -> bool:
+    """Does ``model(**inputs)`` run? (Leaving no trace: buffers, flags and RNGs restored.)"""
+    with preserved_state(model), torch.no_grad():
+        try:
+            model(**inputs)
+        except Exception:
+            return False
+    return True
 
 
 def _label_names(trainer: Trainer | None, args: TrainingArguments, model: nn.Module) -> list[str]:

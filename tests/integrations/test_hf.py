@@ -521,6 +521,52 @@ def test_the_shipped_policy_deploys_through_train(tmp_path):
     assert callback.controller.plasticity is None  # the reference worker is stopped
 
 
+class Pairs(torch.utils.data.Dataset):
+    """Token rows and target rows, for a sequence-to-sequence model."""
+
+    def __len__(self) -> int:
+        return 4 * BATCH
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(i)
+        return {
+            "input_ids": torch.randint(3, VOCAB, (LENGTH,), generator=generator),
+            "labels": torch.randint(3, VOCAB, (LENGTH,), generator=generator),
+        }
+
+
+def test_a_sequence_to_sequence_model_is_traced_with_its_labels(tmp_path):
+    """T5 builds its decoder inputs from the labels: without them the example batch does not
+    run, so the callback keeps them."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=VOCAB,
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=2,
+        num_heads=2,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
+    model = T5ForConditionalGeneration(config)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=BATCH,
+        num_train_epochs=1,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+    )
+    callback = FreezePolicyCallback("default", decisions=2)
+    Trainer(model=model, args=args, train_dataset=Pairs(), callbacks=[callback]).train()
+    assert callback.summary()["steps"] == 4
+
+
 def test_the_controller_is_a_clear_error_before_training():
     with pytest.raises(RuntimeError, match=r"built when training starts .* trainer\.train\(\)"):
         _ = FreezePolicyCallback().controller
