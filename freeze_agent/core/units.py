@@ -723,8 +723,9 @@ def partition(model: nn.Module, example_input: ModelInput, max_units: int = 32) 
     ``example_input`` is one batch as the training loop feeds it: a tensor, a tuple of positional
     arguments or a dict of keyword arguments. The model is probed (an eval-mode forward and two
     forward and backward passes under a FlopCounterMode that also counts memory traffic and
-    operators, a forward for output sizes, a perturbed forward per boundary) and left exactly as
-    it was: parameters, buffers, flags and the RNG state are restored.
+    operators, a forward for output sizes, a forward and backward per boundary for the cut-point
+    check) and left exactly as it was: parameters, buffers, flags and the RNG states are
+    restored.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"partition() needs a torch.nn.Module, got {type(model).__name__}")
