@@ -589,8 +589,35 @@ def _output_bytes(model: nn.Module, inputs: ModelInput, exits: Sequence[nn.Modul
 # --------------------------------------------------------------------------- cut points
 
 
+def _exit_outputs(
+    model: nn.Module, inputs: ModelInput, exits: Sequence[nn.Module]
+) -> list[tuple[Any, int]]:
+    """Each exit module's first output in one no-grad forward, with how many times it ran."""
+    seen: list[tuple[Any, int]] = [(None, 0)] * len(exits)
+
+    def make_hook(i: int):
+        def hook(_module, _args, output):
+            first, calls = seen[i]
+            seen[i] = (output if calls == 0 else first, calls + 1)
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(exits)]
+    try:
+        with torch.no_grad():
+            call_model(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
 def _is_cut_after(
-    model: nn.Module, exit_module: nn.Module, inputs: ModelInput, prefix: Sequence[nn.Module]
+    model: nn.Module,
+    exit_module: nn.Module,
+    exit_output: tuple[Any, int],
+    inputs: ModelInput,
+    prefix: Sequence[nn.Module],
 ) -> bool:
     """Does the output of ``exit_module`` carry everything the rest of the model reads from the
     prefix (``prefix``: the top modules of the units up to and including the boundary's)?
@@ -604,21 +631,11 @@ def _is_cut_after(
     batch's real inputs, so a suffix that reads them (labels for the model's own loss, an
     attention mask, the input ids a pooler indexes with) does not make the boundary unusable;
     one that reads another prefix module's output does, even when that output does not depend
-    on the input (a relative-position bias computed once for all layers).
+    on the input (a relative-position bias computed once for all layers). ``exit_output``: the
+    exit module's output in an eval forward of ``inputs`` and how many times it ran there
+    (``_exit_outputs``).
     """
-    captured: list[Any] = []
-    calls = 0
-
-    def capture(_module, _args, output):
-        nonlocal calls
-        calls += 1
-        captured.append(output)
-
-    handle = exit_module.register_forward_hook(capture)
-    try:
-        call_model(model, inputs)
-    finally:
-        handle.remove()
+    output, calls = exit_output
     if calls != 1:
         return False  # a module run twice per forward is no boundary of a chain
     leaves: list[torch.Tensor] = []
@@ -637,14 +654,14 @@ def _is_cut_after(
         )
         for m in others
     ]
-    handles.append(exit_module.register_forward_hook(lambda _m, _a, _o: captured[0]))
+    handles.append(exit_module.register_forward_hook(lambda _m, _a, _o: output))
     try:
         with torch.enable_grad():
-            output = [t for t in tensors_in(call_model(model, inputs)) if t.requires_grad]
-            if not leaves or not output:
+            final = [t for t in tensors_in(call_model(model, inputs)) if t.requires_grad]
+            if not leaves or not final:
                 return True
             grads = torch.autograd.grad(
-                output, leaves, [torch.ones_like(t) for t in output], allow_unused=True
+                final, leaves, [torch.ones_like(t) for t in final], allow_unused=True
             )
     except Exception:  # a model that cannot run so: no boundary to rely on
         return False
@@ -911,6 +928,7 @@ def _measure_units(
     output_bytes = _output_bytes(model, inputs, [blocks[ids[-1]][1] for ids in unit_blocks])
 
     model.eval()
+    exits = _exit_outputs(model, inputs, [blocks[ids[-1]][1] for ids in unit_blocks])
     units = []
     for u, ids in enumerate(unit_blocks):
         modules = tuple(unit_modules[u])
@@ -919,7 +937,7 @@ def _measure_units(
         exit_module = blocks[ids[-1]][1]
         with torch.no_grad():
             prefix = [blocks[i][1] for block_ids in unit_blocks[: u + 1] for i in block_ids]
-            cut = u < last and _is_cut_after(model, exit_module, inputs, prefix)
+            cut = u < last and _is_cut_after(model, exit_module, exits[u], inputs, prefix)
         held = _distinct(chain((p for m in modules for p in m.parameters()), extra[u], used[u]))
         borrowed = tuple(p for p in held if owner_of[id(p)] != u)
         units.append(
